@@ -1,0 +1,103 @@
+"""The autograd Function: dispatch to a backend, derive the outputs, save what the backward needs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from wpo_kernels.fallback import torch_linear_logprobs_backward, torch_vocab_stats
+from wpo_kernels.kernels.backward import triton_linear_logprobs_backward
+from wpo_kernels.kernels.forward import triton_vocab_stats
+from wpo_kernels.kernels.logits_tile import interpreter_active
+from wpo_kernels.types import LogitTransform, VocabStats
+
+Backend = Literal["auto", "triton", "torch"]
+
+
+def resolve_backend(backend: Backend, hidden: Tensor) -> Literal["triton", "torch"]:
+    """``auto``: Triton for CUDA tensors and under ``TRITON_INTERPRET=1``, the chunked torch fallback
+    otherwise (and always for float64, which the kernels do not take)."""
+    if backend != "auto":
+        return backend
+    if hidden.dtype == torch.float64:
+        return "torch"
+    return "triton" if hidden.is_cuda or interpreter_active() else "torch"
+
+
+def vocab_stats(
+    backend: Literal["triton", "torch"],
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    transform: LogitTransform,
+    *,
+    vocab_start: int = 0,
+    need_mean_logit: bool = False,
+) -> VocabStats:
+    impl = triton_vocab_stats if backend == "triton" else torch_vocab_stats
+    return impl(
+        hidden, weight, bias, targets, transform, vocab_start=vocab_start, need_mean_logit=need_mean_logit
+    )
+
+
+def linear_logprobs_backward(
+    backend: Literal["triton", "torch"],
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    grad_logprobs: Tensor,
+    transform: LogitTransform,
+    *,
+    vocab_start: int = 0,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    impl = triton_linear_logprobs_backward if backend == "triton" else torch_linear_logprobs_backward
+    return impl(hidden, weight, bias, targets, lse, grad_logprobs, transform, vocab_start=vocab_start)
+
+
+def target_logprobs(stats: VocabStats, targets: Tensor, ignore_index: int) -> Tensor:
+    """``z[target] - lse``, and exactly 0 at ignored positions."""
+    return torch.where(targets == ignore_index, 0.0, stats.target_logit - stats.lse)
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """``logprobs[i] = log softmax(transform(hidden @ weight.T + bias))[i, targets[i]]`` without the
+    ``[N, V]`` logits. Returns ``(logprobs, stats)``; only ``logprobs`` carries gradient."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        ignore_index: int,
+        transform: LogitTransform,
+        backend: Literal["triton", "torch"],
+        need_mean_logit: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        stats = vocab_stats(backend, hidden, weight, bias, targets, transform, need_mean_logit=need_mean_logit)
+        logprobs = target_logprobs(stats, targets, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse)
+        ctx.ignore_index, ctx.transform, ctx.backend = ignore_index, transform, backend
+        mean_logit = stats.mean_logit if need_mean_logit else stats.lse.new_empty(0)
+        ctx.mark_non_differentiable(stats.max_logit, stats.lse, stats.lse2, mean_logit)
+        return logprobs, stats.max_logit, stats.lse, stats.lse2, mean_logit
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: Tensor, *unused: Tensor):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        grad = torch.where(targets == ctx.ignore_index, 0.0, grad_logprobs).to(lse.dtype).contiguous()
+        dh, dw, db = linear_logprobs_backward(
+            ctx.backend, hidden, weight, bias, targets, lse, grad, ctx.transform
+        )
+        return (
+            dh.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
+            dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+            db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
+            None, None, None, None, None,
+        )

@@ -1,0 +1,119 @@
+"""Chunked PyTorch implementation of the kernels' math, for CPU tensors without the Triton interpreter.
+
+Same API as ``kernels/forward.py`` and ``kernels/backward.py``: the vocabulary is visited in chunks of
+``chunk_size(N)`` columns, folding each ``[N, chunk]`` logits block into the same online reductions, so
+the full ``[N, V]`` logits never exist. Computes in fp32 (fp64 for fp64 inputs, so that
+``torch.autograd.gradcheck`` runs on it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from wpo_kernels.types import LogitTransform, VocabStats
+
+#: Elements of one ``[N, chunk]`` logits block (8 MiB in fp32); a few such blocks live at once.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def chunk_size(n_tokens: int, vocab: int) -> int:
+    """Vocabulary columns per chunk: about ``CHUNK_ELEMENTS / N``, at least 32, at most ``vocab``."""
+    return max(1, min(vocab, max(32, CHUNK_ELEMENTS // max(n_tokens, 1))))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits_chunk(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, transform: LogitTransform, start: int, stop: int
+) -> tuple[Tensor, Tensor | float]:
+    """``(z, dz_dl)`` for vocabulary columns ``[start, stop)``; ``hidden`` is already in compute dtype."""
+    l = hidden @ weight[start:stop].to(hidden.dtype).T
+    if bias is not None:
+        l = l + bias[start:stop].to(hidden.dtype)
+    l = l * transform.logit_scale
+    scale = transform.logit_scale * transform.post_scale
+    if transform.softcap is None:
+        return l * transform.post_scale, scale
+    t = torch.tanh(l / transform.softcap)
+    return t * (transform.softcap * transform.post_scale), (1 - t * t) * scale
+
+
+def torch_vocab_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    transform: LogitTransform,
+    *,
+    vocab_start: int = 0,
+    need_mean_logit: bool = False,
+) -> VocabStats:
+    """Chunked twin of :func:`wpo_kernels.kernels.forward.triton_vocab_stats`."""
+    n, v = hidden.shape[0], weight.shape[0]
+    h = hidden.to(compute_dtype(hidden.dtype))
+    y = targets.long() - vocab_start
+    m = h.new_full((n,), float("-inf"))
+    s1, s2, sz, z_y = (h.new_zeros(n) for _ in range(4))
+    step = chunk_size(n, v)
+    for start in range(0, v, step):
+        stop = min(start + step, v)
+        z, _ = _logits_chunk(h, weight, bias, transform, start, stop)
+        in_chunk = (y >= start) & (y < stop)
+        col = torch.where(in_chunk, y - start, 0).unsqueeze(1)
+        z_y += torch.where(in_chunk, z.gather(1, col).squeeze(1), 0.0)
+        # online rescale to the new running max (shift 0 for rows that are still all -inf)
+        m_new = torch.maximum(m, z.max(dim=1).values)
+        shift = torch.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = torch.exp(m - shift)
+        e = torch.exp(z - shift[:, None])
+        s1 = s1 * alpha + e.sum(1)
+        s2 = s2 * alpha * alpha + (e * e).sum(1)
+        if need_mean_logit:
+            sz = sz * alpha + (e * torch.where(e > 0, z, 0.0)).sum(1)
+        m = m_new
+    return VocabStats(
+        target_logit=z_y,
+        max_logit=m,
+        lse=m + torch.log(s1),
+        lse2=2 * m + torch.log(s2),
+        mean_logit=sz / s1 if need_mean_logit else None,
+    )
+
+
+def torch_linear_logprobs_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    grad_logprobs: Tensor,
+    transform: LogitTransform,
+    *,
+    vocab_start: int = 0,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Chunked twin of :func:`wpo_kernels.kernels.backward.triton_linear_logprobs_backward`."""
+    n, v = hidden.shape[0], weight.shape[0]
+    h = hidden.to(compute_dtype(hidden.dtype))
+    g = grad_logprobs.to(h.dtype)
+    y = targets.long() - vocab_start
+    rows = torch.arange(n, device=h.device)
+    dh = torch.zeros_like(h)
+    dw = h.new_empty((v, h.shape[1]))
+    db = h.new_empty(v) if bias is not None else None
+    step = chunk_size(n, v)
+    for start in range(0, v, step):
+        stop = min(start + step, v)
+        z, dz_dl = _logits_chunk(h, weight, bias, transform, start, stop)
+        # d logp(y) / dz = onehot(y) - softmax(z), scaled by g and the transform's derivative
+        dz = torch.exp(z - lse.to(h.dtype)[:, None]).mul_(-g[:, None])
+        in_chunk = (y >= start) & (y < stop)
+        dz[rows[in_chunk], (y - start)[in_chunk]] += g[in_chunk]
+        dl = dz * dz_dl
+        dh += dl @ weight[start:stop].to(h.dtype)
+        dw[start:stop] = dl.T @ h
+        if db is not None:
+            db[start:stop] = dl.sum(0)
+    return dh, dw, db

@@ -1,0 +1,86 @@
+"""The one tile every kernel starts from: ``z = transform(H_tile @ W_tile.T + b)`` in fp32 registers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from wpo_kernels.types import LogitTransform
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels in its numpy interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_switches(dtype: torch.dtype) -> dict[str, object]:
+    """Compile-time switches for ``tl.dot`` on operands of ``dtype``.
+
+    - ``UPCAST_DOT``: the interpreter computes bf16 ``tl.dot`` wrongly, so there operands are upcast to
+      fp32 first; on a GPU they stay in their dtype for the tensor cores.
+    - ``DOT_PRECISION``: fp32 operands follow ``torch.backends.cuda.matmul.allow_tf32``, like ``h @ W.T``.
+    """
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return {"UPCAST_DOT": interpreter_active(), "DOT_PRECISION": "tf32" if tf32 else "ieee"}
+
+
+def transform_args(transform: LogitTransform) -> dict[str, object]:
+    """Kernel arguments for a :class:`LogitTransform` (softcap is a constexpr switch)."""
+    return {
+        "pre_scale": float(transform.logit_scale),
+        "softcap": float(transform.softcap or 1.0),
+        "post_scale": float(transform.post_scale),
+        "HAS_SOFTCAP": transform.softcap is not None,
+    }
+
+
+@triton.jit
+def tanh(x):
+    # tl has no portable tanh across triton versions and the interpreter; this form is exact in fp32.
+    return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def logits_tile(
+    H_ptr, W_ptr, B_ptr,
+    offs_n, offs_v, mask_n, mask_v,
+    D, stride_hn, stride_hd, stride_wv, stride_wd,
+    pre_scale, softcap, post_scale,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Returns ``(z, dz_dl)``: the transformed logits tile ``[BLOCK_N, BLOCK_V]`` (-inf outside the
+    vocabulary) and the derivative of the transform w.r.t. the raw logit, for the backward's chain rule."""
+    # l = H @ W.T, accumulated over the hidden dimension in fp32
+    l = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        h = tl.load(
+            H_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+        )
+        w = tl.load(
+            W_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+            mask=mask_v[:, None] & mask_d[None, :], other=0.0,
+        )
+        if UPCAST_DOT:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        l = tl.dot(h, tl.trans(w), l, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        l += tl.load(B_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    l = l * pre_scale
+    if HAS_SOFTCAP:
+        t = tanh(l / softcap)
+        z = softcap * t * post_scale
+        dz_dl = (1 - t * t) * (pre_scale * post_scale)
+    else:
+        z = l * post_scale
+        dz_dl = tl.full((BLOCK_N, BLOCK_V), 1.0, tl.float32) * (pre_scale * post_scale)
+    z = tl.where(mask_v[None, :], z, float("-inf"))
+    return z, dz_dl

@@ -1,0 +1,179 @@
+"""Public entry point: :func:`fused_linear_logprobs`. Validates once, then hands off to the autograd
+Function (or, when no gradient is needed, straight to the forward kernel: nothing is saved)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from wpo_kernels.autograd import (
+    Backend,
+    LinearLogprobsFunction,
+    resolve_backend,
+    target_logprobs,
+    vocab_stats,
+)
+from wpo_kernels.types import OUTPUT_NAMES, LogitTransform, LogprobOutput, VocabStats
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def validate_inputs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    *,
+    ignore_index: int,
+    transform: LogitTransform,
+    vocab_start: int = 0,
+    global_vocab: int | None = None,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument for every malformed input.
+
+    ``vocab_start``/``global_vocab`` describe a vocabulary slice (vocabulary-parallel heads): targets
+    are then checked against the global vocabulary size.
+    """
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape [..., H], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must have V >= 1 and H >= 1, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(targets.shape)}"
+        )
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
+    _check_positive("temperature", transform.temperature)
+    _check_positive("softcap", transform.softcap, allow_none=True)
+    _check_positive("logit_scale", transform.logit_scale)
+    vocab = global_vocab if global_vocab is not None else vocab_start + weight.shape[0]
+    if targets.numel():
+        valid = targets[targets != ignore_index]
+        if valid.numel() and (bool((valid < 0).any()) or bool((valid >= vocab).any())):
+            bad = valid[(valid < 0) | (valid >= vocab)][0].item()
+            raise ValueError(
+                f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}, found {bad}"
+            )
+
+
+def outputs_from_stats(
+    logprobs: Tensor, stats: VocabStats, outputs: Sequence[str], shape: tuple[int, ...]
+) -> LogprobOutput:
+    """Derive the requested per-token outputs from raw vocabulary statistics, reshaped to ``shape``."""
+    derived = {
+        "lse": lambda: stats.lse,
+        "log_max_prob": lambda: stats.max_logit - stats.lse,
+        "log_sum_sq_probs": lambda: stats.lse2 - 2 * stats.lse,
+        "entropy": lambda: stats.lse - stats.mean_logit,
+    }
+    result = LogprobOutput(logprobs=logprobs.reshape(shape))
+    for name in outputs:
+        if name != "logprobs":
+            setattr(result, name, derived[name]().detach().reshape(shape))
+    return result
+
+
+def check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(outputs, str):
+        outputs = (outputs,)
+    unknown = [o for o in outputs if o not in OUTPUT_NAMES]
+    if unknown:
+        raise ValueError(f"outputs must be names among {OUTPUT_NAMES}, got unknown {unknown}")
+    return tuple(outputs)
+
+
+def fused_linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    outputs: Sequence[str] = ("logprobs",),
+    backend: Backend = "auto",
+) -> LogprobOutput:
+    """Per-token log-probabilities of ``targets`` under an LM head, and the vocabulary statistics WPO
+    needs, without materialising the ``[N, V]`` logits (forward or backward).
+
+    The logits are ``z = transform(hidden @ weight.T + bias)``: ``× logit_scale``, then
+    ``softcap · tanh(· / softcap)`` if ``softcap`` is set, then ``÷ temperature``.
+
+    Args:
+        hidden: ``[..., H]`` float16 / bfloat16 / float32 (float64 runs the torch fallback); any strides.
+        weight: ``[V, H]``, same dtype and device as ``hidden``.
+        targets: ``[...]`` integer, values in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]``.
+        outputs: which of ``"lse"``, ``"log_max_prob"`` (``max_v z - lse``), ``"log_sum_sq_probs"``
+            (``log Σ_v p_v²``) and ``"entropy"`` to compute besides ``logprobs``. These are detached
+            (WPO weights are detached by definition); ``entropy`` costs one extra running sum.
+        backend: ``"auto"`` (Triton on CUDA and under ``TRITON_INTERPRET=1``, else the chunked torch
+            fallback), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        :class:`LogprobOutput` with ``[...]``-shaped float32 tensors (float64 for float64 inputs).
+        ``logprobs`` is differentiable w.r.t. hidden, weight and bias and is 0 (with no gradient) where
+        ``targets == ignore_index``.
+
+    Example:
+        >>> out = fused_linear_logprobs(h, lm_head.weight, labels, outputs=("log_sum_sq_probs",))
+        >>> out.logprobs.sum().backward()
+    """
+    transform = LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    outputs = check_outputs(outputs)
+    validate_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, transform=transform)
+    shape = tuple(targets.shape)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1).contiguous()
+    chosen = resolve_backend(backend, h)
+    need_mean = "entropy" in outputs
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if needs_grad:
+        logprobs, max_logit, lse, lse2, mean_logit = LinearLogprobsFunction.apply(
+            h, weight, bias, y, ignore_index, transform, chosen, need_mean
+        )
+        stats = VocabStats(logprobs, max_logit, lse, lse2, mean_logit if need_mean else None)
+    else:
+        stats = vocab_stats(chosen, h, weight, bias, y, transform, need_mean_logit=need_mean)
+        logprobs = target_logprobs(stats, y, ignore_index)
+    return outputs_from_stats(logprobs, stats, outputs, shape)
