@@ -80,7 +80,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
         backend: Literal["triton", "torch"],
         need_mean_logit: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        stats = vocab_stats(backend, hidden, weight, bias, targets, transform, need_mean_logit=need_mean_logit)
+        stats = vocab_stats(
+            backend, hidden, weight, bias, targets, transform, need_mean_logit=need_mean_logit
+        )
         logprobs = target_logprobs(stats, targets, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse)
         ctx.ignore_index, ctx.transform, ctx.backend = ignore_index, transform, backend

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from wpo_kernels.types import LogitTransform, VocabStats
 
-#: Elements of one ``[N, chunk]`` logits block (8 MiB in fp32); a few such blocks live at once.
-CHUNK_ELEMENTS = 1 << 21
+#: Elements of one ``[N, chunk]`` logits block (4 MiB in fp32); at most two such blocks live at once.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def chunk_size(n_tokens: int, vocab: int) -> int:
@@ -28,17 +28,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _logits_chunk(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, transform: LogitTransform, start: int, stop: int
-) -> tuple[Tensor, Tensor | float]:
-    """``(z, dz_dl)`` for vocabulary columns ``[start, stop)``; ``hidden`` is already in compute dtype."""
-    l = hidden @ weight[start:stop].to(hidden.dtype).T
+) -> Tensor:
+    """``z`` for vocabulary columns ``[start, stop)``, transformed in place (``hidden`` in compute dtype)."""
+    z = hidden @ weight[start:stop].to(hidden.dtype).T
     if bias is not None:
-        l = l + bias[start:stop].to(hidden.dtype)
-    l = l * transform.logit_scale
+        z += bias[start:stop].to(hidden.dtype)
+    if transform.softcap is None:
+        return z.mul_(transform.logit_scale * transform.post_scale)
+    z.mul_(transform.logit_scale / transform.softcap).tanh_()
+    return z.mul_(transform.softcap * transform.post_scale)
+
+
+def _transform_derivative(z: Tensor, transform: LogitTransform) -> Tensor | float:
+    """``dz / dl`` from ``z`` itself: ``scale * (1 - tanh²)`` with ``tanh = z / (softcap / temperature)``."""
     scale = transform.logit_scale * transform.post_scale
     if transform.softcap is None:
-        return l * transform.post_scale, scale
-    t = torch.tanh(l / transform.softcap)
-    return t * (transform.softcap * transform.post_scale), (1 - t * t) * scale
+        return scale
+    tanh = z / (transform.softcap * transform.post_scale)
+    return tanh.square_().neg_().add_(1).mul_(scale)
 
 
 def torch_vocab_stats(
@@ -60,7 +67,7 @@ def torch_vocab_stats(
     step = chunk_size(n, v)
     for start in range(0, v, step):
         stop = min(start + step, v)
-        z, _ = _logits_chunk(h, weight, bias, transform, start, stop)
+        z = _logits_chunk(h, weight, bias, transform, start, stop)
         in_chunk = (y >= start) & (y < stop)
         col = torch.where(in_chunk, y - start, 0).unsqueeze(1)
         z_y += torch.where(in_chunk, z.gather(1, col).squeeze(1), 0.0)
@@ -68,11 +75,12 @@ def torch_vocab_stats(
         m_new = torch.maximum(m, z.max(dim=1).values)
         shift = torch.where(m_new == float("-inf"), 0.0, m_new)
         alpha = torch.exp(m - shift)
-        e = torch.exp(z - shift[:, None])
+        e = torch.sub(z, shift[:, None]).exp_()
         s1 = s1 * alpha + e.sum(1)
-        s2 = s2 * alpha * alpha + (e * e).sum(1)
+        s2 = s2 * alpha * alpha + torch.einsum("nv,nv->n", e, e)
         if need_mean_logit:
-            sz = sz * alpha + (e * torch.where(e > 0, z, 0.0)).sum(1)
+            # e == 0 where z == -inf: clamp z so those terms are 0, not 0 * -inf
+            sz = sz * alpha + torch.einsum("nv,nv->n", e, z.clamp_(min=torch.finfo(z.dtype).min))
         m = m_new
     return VocabStats(
         target_logit=z_y,
@@ -106,14 +114,15 @@ def torch_linear_logprobs_backward(
     step = chunk_size(n, v)
     for start in range(0, v, step):
         stop = min(start + step, v)
-        z, dz_dl = _logits_chunk(h, weight, bias, transform, start, stop)
-        # d logp(y) / dz = onehot(y) - softmax(z), scaled by g and the transform's derivative
-        dz = torch.exp(z - lse.to(h.dtype)[:, None]).mul_(-g[:, None])
+        z = _logits_chunk(h, weight, bias, transform, start, stop)
+        dz_dl = _transform_derivative(z, transform)
+        # d logp(y) / dz = onehot(y) - softmax(z), scaled by g, then through the transform (all in place)
+        dl = z.sub_(lse.to(h.dtype)[:, None]).exp_().mul_(-g[:, None])
         in_chunk = (y >= start) & (y < stop)
-        dz[rows[in_chunk], (y - start)[in_chunk]] += g[in_chunk]
-        dl = dz * dz_dl
-        dh += dl @ weight[start:stop].to(h.dtype)
-        dw[start:stop] = dl.T @ h
+        dl[rows[in_chunk], (y - start)[in_chunk]] += g[in_chunk]
+        dl.mul_(dz_dl)
+        dh.addmm_(dl, weight[start:stop].to(h.dtype))
+        torch.mm(dl.T, h, out=dw[start:stop])
         if db is not None:
-            db[start:stop] = dl.sum(0)
+            torch.sum(dl, 0, out=db[start:stop])
     return dh, dw, db

@@ -50,7 +50,7 @@ def validate_inputs(
     if hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
     if hidden.dim() < 1:
-        raise ValueError(f"hidden must have shape [..., H], got a 0-d tensor")
+        raise ValueError("hidden must have shape [..., H], got a 0-d tensor")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [V, H], got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0 or weight.shape[1] == 0:

@@ -83,8 +83,10 @@ def _linear_logprobs_bwd_kernel(
             w = w.to(tl.float32)
         dh = tl.dot(dl_op, w, input_precision=DOT_PRECISION)
         dw = tl.dot(tl.trans(dl_op), h, input_precision=DOT_PRECISION)
-        tl.atomic_add(DH_ptr + offs_n[:, None] * D + offs_d[None, :], dh, mask=mask_n[:, None] & mask_d[None, :])
-        tl.atomic_add(DW_ptr + offs_v[:, None] * D + offs_d[None, :], dw, mask=mask_v[:, None] & mask_d[None, :])
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        mask_vd = mask_v[:, None] & mask_d[None, :]
+        tl.atomic_add(DH_ptr + offs_n[:, None] * D + offs_d[None, :], dh, mask=mask_nd)
+        tl.atomic_add(DW_ptr + offs_v[:, None] * D + offs_d[None, :], dw, mask=mask_vd)
 
 
 _linear_logprobs_bwd_kernel_tuned = triton.autotune(
