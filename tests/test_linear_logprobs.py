@@ -53,8 +53,13 @@ def check_against_reference(
     below which value errors count absolutely (the logits' magnitude for huge logits)."""
     grad_out = torch.randn(inputs["targets"].shape, generator=torch.Generator().manual_seed(1))
     out = fused_linear_logprobs(
-        inputs["hidden"], inputs["weight"], inputs["targets"], bias=inputs["bias"],
-        outputs=OUTPUT_NAMES, backend=backend, **options,
+        inputs["hidden"],
+        inputs["weight"],
+        inputs["targets"],
+        bias=inputs["bias"],
+        outputs=OUTPUT_NAMES,
+        backend=backend,
+        **options,
     )
     (out.logprobs * grad_out.to(out.logprobs.device)).sum().backward()
 
@@ -102,7 +107,14 @@ def test_options(case: str, dtype: torch.dtype, backend: str, device: str) -> No
         pytest.skip("the torch fallback is for CPU tensors")
     options = OPTION_CASES[case]
     inputs = make_inputs(
-        29, 19, 83, dtype, device, bias=True, n_ignored=5, ignore_index=options.get("ignore_index", -100),
+        29,
+        19,
+        83,
+        dtype,
+        device,
+        bias=True,
+        n_ignored=5,
+        ignore_index=options.get("ignore_index", -100),
         weight_scale=4.0,
     )
     check_against_reference(inputs, dtype, backend, **options)
@@ -124,8 +136,12 @@ def test_all_tokens_ignored(backend: str, device: str) -> None:
 def test_empty_batch(backend: str, device: str) -> None:
     inputs = make_inputs(0, 8, 20, torch.float32, device, bias=True)
     out = fused_linear_logprobs(
-        inputs["hidden"], inputs["weight"], inputs["targets"], bias=inputs["bias"],
-        outputs=OUTPUT_NAMES, backend=backend,
+        inputs["hidden"],
+        inputs["weight"],
+        inputs["targets"],
+        bias=inputs["bias"],
+        outputs=OUTPUT_NAMES,
+        backend=backend,
     )
     assert all(t.shape == (0,) for t in out.as_dict().values())
     out.logprobs.sum().backward()
@@ -150,8 +166,12 @@ def test_target_on_masked_entry_gives_minus_inf_not_nan(backend: str, device: st
         inputs["bias"][3] = float("-inf")
     inputs["targets"][0] = 3
     out = fused_linear_logprobs(
-        inputs["hidden"], inputs["weight"], inputs["targets"], bias=inputs["bias"],
-        outputs=OUTPUT_NAMES, backend=backend,
+        inputs["hidden"],
+        inputs["weight"],
+        inputs["targets"],
+        bias=inputs["bias"],
+        outputs=OUTPUT_NAMES,
+        backend=backend,
     )
     assert out.logprobs[0] == float("-inf") and torch.isfinite(out.logprobs[1:]).all()
     assert all(torch.isfinite(t).all() for name, t in out.as_dict().items() if name != "logprobs")
@@ -197,9 +217,11 @@ def test_only_requested_outputs(backend: str, device: str) -> None:
 
 def test_gradcheck_fallback_fp64() -> None:
     inputs = make_inputs(6, 5, 11, torch.float64, "cpu", bias=True, n_ignored=1)
-    fn = lambda h, w, b: fused_linear_logprobs(
-        h, w, inputs["targets"], bias=b, softcap=2.0, temperature=0.8, logit_scale=1.5, backend="torch"
-    ).logprobs
+    fn = lambda h, w, b: (
+        fused_linear_logprobs(
+            h, w, inputs["targets"], bias=b, softcap=2.0, temperature=0.8, logit_scale=1.5, backend="torch"
+        ).logprobs
+    )
     assert torch.autograd.gradcheck(fn, (inputs["hidden"], inputs["weight"], inputs["bias"]))
 
 
@@ -209,3 +231,49 @@ def test_auto_backend_matches_explicit(device: str) -> None:
     b = fused_linear_logprobs(inputs["hidden"], inputs["weight"], inputs["targets"], backend="triton")
     b = b.logprobs
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gradient_filtering_within_rounding_on_peaked_logits(dtype: torch.dtype, device: str) -> None:
+    """Peaked logits, as a trained model has: filtering at eps(dtype) / 32 (2^-12 for bf16, 2^-15 for
+    fp16) skips most tiles yet moves the gradients by less than the dtype's rounding."""
+    n, h, v = 64, 32, 1024
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(v, h, generator=g)
+    targets = torch.randint(0, 64, (n,), generator=g)  # targets in one tile: the others may be skipped
+    # each token's hidden state points at its target row (plus noise): a confident prediction
+    hidden = 1.2 * weight[targets] + 0.3 * torch.randn(n, h, generator=g)
+    grads = []
+    rounding = torch.finfo(dtype).eps
+    for eps in (None, rounding / 32):
+        hh = hidden.to(device, dtype).requires_grad_()
+        ww = weight.to(device, dtype).requires_grad_()
+        out = fused_linear_logprobs(hh, ww, targets.to(device), backend="triton", grad_filter_eps=eps)
+        out.logprobs.sum().backward()
+        grads.append((hh.grad, ww.grad))
+    for exact, filtered in zip(*grads, strict=True):
+        assert 0 < rel_err(filtered, exact) < rounding
+
+
+def test_gradient_filtering_skips_only_tiles_without_targets(device: str) -> None:
+    """Nearly uniform softmax (every p ~ 1/600) and a threshold above it: tiles holding a target are kept
+    whole (exact gradient there), every other tile is skipped (zero gradient)."""
+    inputs = make_inputs(8, 16, 600, torch.float32, device, weight_scale=0.01)
+    inputs["targets"].zero_()  # every target in the first vocabulary tile
+    exact = fused_linear_logprobs(inputs["hidden"], inputs["weight"], inputs["targets"], backend="triton")
+    (exact_dw,) = torch.autograd.grad(exact.logprobs.sum(), inputs["weight"])
+    out = fused_linear_logprobs(
+        inputs["hidden"], inputs["weight"], inputs["targets"], backend="triton", grad_filter_eps=0.5
+    )
+    (dw,) = torch.autograd.grad(out.logprobs.sum(), inputs["weight"])
+    assert rel_err(dw[0], exact_dw[0]) < 1e-5
+    assert torch.equal(dw[256:], torch.zeros_like(dw[256:]))  # BLOCK_V <= 256 in every config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,h,v", [(1000, 512, 32003), (4096, 1024, 8192)])
+def test_compiled_kernels_at_model_scale(n: int, h: int, v: int, dtype: torch.dtype) -> None:
+    """Compiled (not interpreted) kernels on real-sized heads, including autotuned block sizes."""
+    inputs = make_inputs(n, h, v, dtype, "cuda", bias=True, n_ignored=17, weight_scale=3.0)
+    check_against_reference(inputs, dtype, "triton", softcap=30.0)

@@ -54,9 +54,18 @@ def linear_logprobs_backward(
     transform: LogitTransform,
     *,
     vocab_start: int = 0,
+    filter_eps: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    impl = triton_linear_logprobs_backward if backend == "triton" else torch_linear_logprobs_backward
-    return impl(hidden, weight, bias, targets, lse, grad_logprobs, transform, vocab_start=vocab_start)
+    """fp32 ``(dH, dW, db)``; ``filter_eps`` (gradient filtering) applies to the Triton kernel only, the
+    torch fallback always computes the exact gradient."""
+    if backend == "torch":
+        return torch_linear_logprobs_backward(
+            hidden, weight, bias, targets, lse, grad_logprobs, transform, vocab_start=vocab_start
+        )
+    return triton_linear_logprobs_backward(
+        hidden, weight, bias, targets, lse, grad_logprobs, transform,
+        vocab_start=vocab_start, filter_eps=filter_eps,
+    )
 
 
 def target_logprobs(stats: VocabStats, targets: Tensor, ignore_index: int) -> Tensor:
@@ -79,6 +88,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         transform: LogitTransform,
         backend: Literal["triton", "torch"],
         need_mean_logit: bool,
+        grad_filter_eps: float | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         stats = vocab_stats(
             backend, hidden, weight, bias, targets, transform, need_mean_logit=need_mean_logit
@@ -86,6 +96,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         logprobs = target_logprobs(stats, targets, ignore_index)
         ctx.save_for_backward(hidden, weight, bias, targets, stats.lse)
         ctx.ignore_index, ctx.transform, ctx.backend = ignore_index, transform, backend
+        ctx.grad_filter_eps = grad_filter_eps
         mean_logit = stats.mean_logit if need_mean_logit else stats.lse.new_empty(0)
         ctx.mark_non_differentiable(stats.max_logit, stats.lse, stats.lse2, mean_logit)
         return logprobs, stats.max_logit, stats.lse, stats.lse2, mean_logit
@@ -95,11 +106,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         grad = torch.where(targets == ctx.ignore_index, 0.0, grad_logprobs).to(lse.dtype).contiguous()
         dh, dw, db = linear_logprobs_backward(
-            ctx.backend, hidden, weight, bias, targets, lse, grad, ctx.transform
+            ctx.backend, hidden, weight, bias, targets, lse, grad, ctx.transform,
+            filter_eps=ctx.grad_filter_eps,
         )
         return (
             dh.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
             dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
             db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )

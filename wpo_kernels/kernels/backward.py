@@ -34,8 +34,8 @@ def _linear_logprobs_bwd_kernel(
     DH_ptr, DW_ptr, DB_ptr,
     N, V, D, vocab_start,
     stride_hn, stride_hd, stride_wv, stride_wd,
-    pre_scale, softcap, post_scale,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    pre_scale, softcap, post_scale, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, FILTER_GRAD: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -60,37 +60,42 @@ def _linear_logprobs_bwd_kernel(
     p = tl.exp(z - lse[:, None])
     onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
     dl = g[:, None] * (onehot - p) * dz_dl
-    if HAS_BIAS:
-        tl.atomic_add(DB_ptr + offs_v, tl.sum(dl, axis=0), mask=mask_v)
-
-    if UPCAST_DOT:
-        dl_op = dl
+    if FILTER_GRAD:
+        # gradient filtering: a tile whose live tokens (g != 0) all have softmax probability below
+        # filter_eps and no target here adds less than the output precision holds: skip its GEMMs
+        live = (g != 0)[:, None]
+        keep = tl.max(tl.where(live, tl.maximum(p, onehot), 0.0)) >= filter_eps
     else:
-        dl_op = dl.to(H_ptr.dtype.element_ty)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        h = tl.load(
-            H_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-        )
-        w = tl.load(
-            W_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd,
-            mask=mask_v[:, None] & mask_d[None, :], other=0.0,
-        )
+        keep = True
+    if keep:
+        if HAS_BIAS:
+            tl.atomic_add(DB_ptr + offs_v, tl.sum(dl, axis=0), mask=mask_v)
+
         if UPCAST_DOT:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        dh = tl.dot(dl_op, w, input_precision=DOT_PRECISION)
-        dw = tl.dot(tl.trans(dl_op), h, input_precision=DOT_PRECISION)
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        mask_vd = mask_v[:, None] & mask_d[None, :]
-        tl.atomic_add(DH_ptr + offs_n[:, None] * D + offs_d[None, :], dh, mask=mask_nd)
-        tl.atomic_add(DW_ptr + offs_v[:, None] * D + offs_d[None, :], dw, mask=mask_vd)
+            dl_op = dl
+        else:
+            dl_op = dl.to(H_ptr.dtype.element_ty)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
+            mask_vd = mask_v[:, None] & (offs_d < D)[None, :]
+            h_ptrs = H_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd
+            w_ptrs = W_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd
+            h = tl.load(h_ptrs, mask=mask_nd, other=0.0)
+            w = tl.load(w_ptrs, mask=mask_vd, other=0.0)
+            if UPCAST_DOT:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            dh = tl.dot(dl_op, w, input_precision=DOT_PRECISION)
+            dw = tl.dot(tl.trans(dl_op), h, input_precision=DOT_PRECISION)
+            tl.atomic_add(DH_ptr + offs_n[:, None] * D + offs_d[None, :], dh, mask=mask_nd)
+            tl.atomic_add(DW_ptr + offs_v[:, None] * D + offs_d[None, :], dw, mask=mask_vd)
 
 
 _linear_logprobs_bwd_kernel_tuned = triton.autotune(
-    configs=_GPU_CONFIGS, key=["V", "D", "HAS_SOFTCAP"], reset_to_zero=["DH_ptr", "DW_ptr", "DB_ptr"]
+    configs=_GPU_CONFIGS,
+    key=["V", "D", "HAS_SOFTCAP", "FILTER_GRAD"],
+    reset_to_zero=["DH_ptr", "DW_ptr", "DB_ptr"],
 )(_linear_logprobs_bwd_kernel)
 
 
@@ -104,11 +109,14 @@ def triton_linear_logprobs_backward(
     transform: LogitTransform,
     *,
     vocab_start: int = 0,
+    filter_eps: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of ``sum_i grad_logprobs[i] * logprobs[i]`` w.r.t. hidden, weight and bias.
 
-    ``lse`` ``[N]`` is the global log-sum-exp per token (fp32), ``grad_logprobs`` ``[N]`` fp32 with zeros at
-    ignored tokens. Returns fp32 ``dH [N, H]``, ``dW [V, H]``, ``db [V]`` (None without bias).
+    ``lse`` ``[N]`` is the global log-sum-exp per token (fp32), ``grad_logprobs`` ``[N]`` fp32 with zeros
+    at ignored tokens. ``filter_eps`` turns on gradient filtering (tiles whose probabilities are all
+    below it, holding no target, are skipped). Returns fp32 ``dH [N, H]``, ``dW [V, H]``, ``db [V]``
+    (None without bias).
     """
     n, d = hidden.shape
     v = weight.shape[0]
@@ -128,8 +136,8 @@ def triton_linear_logprobs_backward(
         dh, dw, db if db is not None else dh,
         n, v, d, vocab_start,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        **transform_args(transform),
-        HAS_BIAS=bias is not None,
+        **transform_args(transform), filter_eps=float(filter_eps or 0.0),
+        HAS_BIAS=bias is not None, FILTER_GRAD=filter_eps is not None,
         **dot_switches(hidden.dtype), **config,
     )
     return dh, dw, db
