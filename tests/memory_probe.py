@@ -60,12 +60,19 @@ def main() -> None:
     out = fused_linear_logprobs(hidden, weight, targets, outputs=OUTPUT_NAMES, backend="torch")
     if args.backward:
         out.logprobs.sum().backward()
-    print(json.dumps({
-        "n": args.n, "v": args.v, "h": args.h, "backward": args.backward,
-        # the parameter gradients are outputs the caller keeps, not working memory
-        "extra_peak_bytes": peak_rss_bytes() - baseline - (grad_bytes if args.backward else 0),
-        "fp32_logits_bytes": args.n * args.v * 4,
-    }))
+    print(
+        json.dumps(
+            {
+                "n": args.n,
+                "v": args.v,
+                "h": args.h,
+                "backward": args.backward,
+                # the parameter gradients are outputs the caller keeps, not working memory
+                "extra_peak_bytes": peak_rss_bytes() - baseline - (grad_bytes if args.backward else 0),
+                "fp32_logits_bytes": args.n * args.v * 4,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
