@@ -58,7 +58,7 @@ def _linear_logprobs_bwd_kernel(
 
     # d logp(y) / dz = onehot(y) - softmax(z), then through the transform to the raw logit
     p = tl.exp(z - lse[:, None])
-    onehot = (offs_v[None, :] == y[:, None]).to(tl.float32)
+    onehot = ((offs_v[None, :] == y[:, None]) & mask_v[None, :]).to(tl.float32)
     dl = g[:, None] * (onehot - p) * dz_dl
     if FILTER_GRAD:
         # gradient filtering: a tile whose live tokens (g != 0) all have softmax probability below

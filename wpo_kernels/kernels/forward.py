@@ -57,7 +57,9 @@ def _vocab_stats_kernel(
             pre_scale, softcap, post_scale,
             HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
-        z_y += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+        # the target column, if it lies in this tile (never a padding column past V)
+        is_y = (offs_v[None, :] == y[:, None]) & mask_v[None, :]
+        z_y += tl.sum(tl.where(is_y, z, 0.0), axis=1)
 
         # online rescale: bring the running sums to the new max; a row that has seen only -inf so far
         # is shifted by 0 instead, so no (-inf) - (-inf) appears
