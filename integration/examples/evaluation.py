@@ -1,0 +1,178 @@
+"""Framework-free pieces of the example: batching, SFT warm-up and held-out evaluation, all through
+:func:`wpo_kernels.integration.hf.causal_lm_hidden_and_head` (the fused head: no ``[B, T, V]`` logits)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from wpo_kernels.integration.hf import causal_lm_hidden_and_head
+
+
+def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, records: Sequence[dict[str, str]]) -> list[dict]:
+    """TRL's tokenised layout: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (completions end in EOS)."""
+    eos = tokenizer.eos_token
+    out = []
+    for r in records:
+        prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        chosen = tokenizer(r["prompt"] + r["chosen"] + eos, add_special_tokens=False)["input_ids"]
+        rejected = tokenizer(r["prompt"] + r["rejected"] + eos, add_special_tokens=False)["input_ids"]
+        n = len(prompt)
+        out.append({"prompt_ids": prompt, "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]})
+    return out
+
+
+def preference_batches(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[dict[str, str]], batch_size: int, device: str
+) -> Iterator[dict[str, Tensor]]:
+    """Batches as TRL's ``DataCollatorForPreference`` makes them: ``input_ids``, ``attention_mask``,
+    ``completion_mask`` ``[2B, T]`` long, chosen rows first, on ``device``."""
+    collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
+    examples = tokenize_pairs(tokenizer, records)
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size])
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+def completion_logps(model: nn.Module, batch: dict[str, Tensor], backend: str = "auto") -> Tensor:
+    """``[N]`` float32 summed log-probabilities of each row's completion tokens (``completion_mask``)."""
+    hidden, head = causal_lm_hidden_and_head(model, batch)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    return head.logprobs(hidden[:, :-1], labels[:, 1:], backend=backend).logprobs.sum(dim=-1)
+
+
+def sft_warmup(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[dict[str, str]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    device: str,
+    seed: int = 0,
+    backend: str = "auto",
+) -> list[float]:
+    """Supervised warm-up on the chosen completions: AdamW on the mean completion-token NLL, computed by
+    the fused head. Returns the loss of every step."""
+    if steps <= 0:
+        return []
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * max(0.0, 1 - s / steps) ** 0.5
+    )
+    collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
+    examples = tokenize_pairs(tokenizer, records)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = tqdm(range(steps), desc="SFT warm-up", dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx]).items()}
+        chosen = {k: v[:batch_size] for k, v in batch.items()}  # chosen rows come first
+        hidden, head = causal_lm_hidden_and_head(model, chosen)
+        labels = chosen["input_ids"].masked_fill(chosen["completion_mask"] == 0, -100)[:, 1:]
+        logps = head.logprobs(hidden[:, :-1], labels, backend=backend).logprobs
+        loss = -logps.sum() / (labels != -100).sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    model.eval()
+    return losses
+
+
+@dataclass
+class PreferenceEval:
+    """Held-out preference metrics of a policy against a reference.
+
+    - ``reward_accuracy``: fraction of pairs with ``β·(r_w - r_l) > 0`` (ties count ½, so a policy equal to
+      its reference scores 0.5);
+    - ``reward_margin``: mean ``β·(r_w - r_l)``;
+    - ``likelihood_accuracy``: fraction with ``log π(y_w) > log π(y_l)`` (the policy's own preference);
+    - ``answer_accuracy``: greedy decoding reproduces the correct answer exactly;
+    - ``by_error``: ``reward_accuracy`` per kind of mistake in the rejected answer.
+    """
+
+    reward_accuracy: float
+    reward_margin: float
+    likelihood_accuracy: float
+    answer_accuracy: float
+    by_error: dict[str, float]
+
+
+@torch.no_grad()
+def evaluate_preferences(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[dict[str, str]],
+    *,
+    beta: float,
+    device: str,
+    batch_size: int = 64,
+    backend: str = "auto",
+) -> PreferenceEval:
+    """Score every held-out pair under ``policy`` and ``reference`` (see :class:`PreferenceEval`)."""
+    was_training = policy.training
+    policy.eval()
+    margins, lik = [], []
+    for batch in preference_batches(tokenizer, records, batch_size, device):
+        pi_w, pi_l = completion_logps(policy, batch, backend).chunk(2)
+        ref_w, ref_l = completion_logps(reference, batch, backend).chunk(2)
+        margins.append(beta * ((pi_w - ref_w) - (pi_l - ref_l)))
+        lik.append((pi_w > pi_l).float())
+    margin = torch.cat(margins).cpu()
+    wins = (margin > 0).float() + 0.5 * (margin == 0).float()
+    by_error: dict[str, list[float]] = {}
+    for r, w in zip(records, wins.tolist(), strict=True):
+        by_error.setdefault(r.get("error", "all"), []).append(w)
+    result = PreferenceEval(
+        reward_accuracy=wins.mean().item(),
+        reward_margin=margin.mean().item(),
+        likelihood_accuracy=torch.cat(lik).mean().item(),
+        answer_accuracy=greedy_answer_accuracy(policy, tokenizer, records, device=device),
+        by_error={k: sum(v) / len(v) for k, v in sorted(by_error.items())},
+    )
+    policy.train(was_training)
+    return result
+
+
+@torch.no_grad()
+def greedy_answer_accuracy(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[dict[str, str]],
+    *,
+    device: str,
+    batch_size: int = 128,
+) -> float:
+    """Fraction of prompts whose greedy continuation equals the chosen answer token for token (a plain
+    decoding loop; the last position's logits are ``[B, V]``, never ``[B, T, V]``)."""
+    groups: dict[int, list[tuple[list[int], list[int]]]] = {}
+    for ex in tokenize_pairs(tokenizer, records):
+        groups.setdefault(len(ex["prompt_ids"]), []).append((ex["prompt_ids"], ex["chosen_ids"]))
+    correct = total = 0
+    for items in groups.values():
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            ids = torch.tensor([p for p, _ in chunk], device=device)
+            n_new = max(len(c) for _, c in chunk)
+            for _ in range(n_new):
+                hidden, head = causal_lm_hidden_and_head(model, {"input_ids": ids})
+                logits = nn.functional.linear(hidden[:, -1], head.weight.to(hidden.dtype), head.bias)
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            for row, (p, c) in zip(ids.tolist(), chunk, strict=True):
+                correct += int(row[len(p) : len(p) + len(c)] == c)
+                total += 1
+    return correct / max(total, 1)
