@@ -64,8 +64,8 @@ from accelerate.utils import is_peft_model  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import pad, use_adapter  # noqa: E402
-from wpo_kernels.integration.hf import WPOHeadOutput, add_wpo_lm_head  # noqa: E402
 
+from wpo_kernels.integration.hf import WPOHeadOutput, add_wpo_lm_head  # noqa: E402
 from wpo_kernels.losses import LOSS_TYPES, VARIANTS, check_loss_options, wpo_loss  # noqa: E402
 from wpo_kernels.weights import Alignment, parse_alignment, wpo_weights  # noqa: E402
 

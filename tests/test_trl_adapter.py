@@ -19,10 +19,9 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
+import wpo_kernels.fallback  # noqa: E402
 from wpo_kernels.integration.examples.toy_setup import build_tokenizer, load_pairs  # noqa: E402
 from wpo_kernels.integration.trl import WPOConfig, WPOTrainer, check_trl_version  # noqa: E402
-
-import wpo_kernels.fallback  # noqa: E402
 from wpo_kernels.losses import wpo_loss  # noqa: E402
 from wpo_kernels.weights import wpo_weights  # noqa: E402
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from wpo_kernels.integration.examples.toy_setup import MODEL_KINDS
 
 
@@ -100,6 +101,7 @@ def run_preference_training(
     frozen copy of it; returns the trained policy and ``log_history``."""
     from datasets import Dataset
     from transformers.trainer_callback import ProgressCallback
+
     from wpo_kernels.integration.trl import WPOConfig, WPOTrainer
 
     policy = copy.deepcopy(sft_model).train()
@@ -159,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from transformers import logging as hf_logging
     from transformers import set_seed
+
     from wpo_kernels.integration.examples.evaluation import evaluate_preferences, sft_warmup
     from wpo_kernels.integration.examples.report import plot_curves, results_table, write_report
     from wpo_kernels.integration.examples.toy_setup import build_model, build_tokenizer, load_pairs
