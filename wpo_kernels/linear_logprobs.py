@@ -83,13 +83,12 @@ def validate_inputs(
     _check_positive("softcap", transform.softcap, allow_none=True)
     _check_positive("logit_scale", transform.logit_scale)
     vocab = global_vocab if global_vocab is not None else vocab_start + weight.shape[0]
-    if targets.numel():
-        valid = targets[targets != ignore_index]
-        if valid.numel() and (bool((valid < 0).any()) or bool((valid >= vocab).any())):
-            bad = valid[(valid < 0) | (valid >= vocab)][0].item()
-            raise ValueError(
-                f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}, found {bad}"
-            )
+    out_of_range = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if bool(out_of_range.any()):  # the one host sync of a call
+        bad = targets[out_of_range][0].item()
+        raise ValueError(
+            f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}, found {bad}"
+        )
 
 
 def outputs_from_stats(
