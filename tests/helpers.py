@@ -61,3 +61,34 @@ def as_fp64_leaves(inputs: dict[str, Tensor | None]) -> dict[str, Tensor | None]
         else:
             out[k] = t.detach().cpu().double().requires_grad_()
     return out
+
+
+def make_preference_batch(
+    pairs: int,
+    length: int,
+    vocab: int,
+    hidden: int,
+    *,
+    seed: int,
+    dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
+    empty: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``[chosen; rejected]``: hidden ``[2B, T, H]``, heads ``[V, H]``, bias ``[V]``, ragged targets
+    ``[2B, T]`` (sequence 1 has no tokens when ``empty``). Drawn in fp64, then cast."""
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * pairs
+    f64 = dict(generator=g, dtype=torch.float64)
+    h = torch.randn(n, length, hidden, **f64)
+    w = torch.randn(vocab, hidden, **f64) * (2 / hidden**0.5)
+    b = 0.3 * torch.randn(vocab, **f64)
+    ref_w = w + 0.3 * torch.randn(vocab, hidden, **f64) / hidden**0.5
+    y = torch.randint(0, vocab, (n, length), generator=g)
+    starts = torch.randint(0, length // 2, (n,), generator=g)
+    ends = torch.randint(length // 2 + 1, length + 1, (n,), generator=g)
+    pos = torch.arange(length)
+    keep = (pos >= starts[:, None]) & (pos < ends[:, None])
+    if empty:
+        keep[1] = False
+    cast = lambda t: t.to(device=device, dtype=dtype)
+    return cast(h), cast(w), cast(b), cast(ref_w), y.masked_fill(~keep, -100).to(device)

@@ -8,6 +8,7 @@ from collections import defaultdict
 import pytest
 import torch
 
+from tests.helpers import make_preference_batch
 from wpo_kernels import FusedLinearWPOLoss, fused_linear_wpo_loss
 from wpo_kernels.losses import LOSS_TYPES, VARIANTS
 from wpo_kernels.reference import reference_wpo_loss
@@ -16,27 +17,6 @@ ALIGNMENTS = ("none", "greedy", "sampled")
 SMOOTHING = {"sigmoid": 0.1, "simpo": 0.2, "robust": 0.15}
 pytestmark = pytest.mark.filterwarnings("ignore:wpo_weights. a sequence has no tokens:RuntimeWarning")
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-6)}
-
-
-def make_batch(pairs, length, vocab, hidden, *, dtype, seed, device="cpu", empty=True):
-    """``[chosen; rejected]``: hidden ``[2B, T, H]``, heads ``[V, H]``, bias ``[V]``, ragged targets
-    ``[2B, T]`` (sequence 1 has no tokens when ``empty``). Drawn in fp64, then cast."""
-    g = torch.Generator().manual_seed(seed)
-    n = 2 * pairs
-    f64 = dict(generator=g, dtype=torch.float64)
-    h = torch.randn(n, length, hidden, **f64)
-    w = torch.randn(vocab, hidden, **f64) * (2 / hidden**0.5)
-    b = 0.3 * torch.randn(vocab, **f64)
-    ref_w = w + 0.3 * torch.randn(vocab, hidden, **f64) / hidden**0.5
-    y = torch.randint(0, vocab, (n, length), generator=g)
-    starts = torch.randint(0, length // 2, (n,), generator=g)
-    ends = torch.randint(length // 2 + 1, length + 1, (n,), generator=g)
-    pos = torch.arange(length)
-    keep = (pos >= starts[:, None]) & (pos < ends[:, None])
-    if empty:
-        keep[1] = False
-    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return cast(h), cast(w), cast(b), cast(ref_w), y.masked_fill(~keep, -100).to(device)
 
 
 def _options(loss_type, variant, alignment):
@@ -48,7 +28,7 @@ def _options(loss_type, variant, alignment):
 
 
 def _check_against_reference(dtype, backend, device, loss_type, variant, alignment, seed, **transform):
-    h, w, b, ref_w, y = make_batch(3, 5, 37, 16, dtype=dtype, seed=seed, device=device)
+    h, w, b, ref_w, y = make_preference_batch(3, 5, 37, 16, dtype=dtype, seed=seed, device=device)
     kw = _options(loss_type, variant, alignment)
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
     got = fused_linear_wpo_loss(
@@ -101,7 +81,7 @@ def test_logit_transform(backend, device):
 
 
 def test_reference_head_equals_precomputed_and_gets_no_gradient():
-    h, w, b, ref_w, y = make_batch(2, 6, 23, 8, dtype=torch.float64, seed=3)
+    h, w, b, ref_w, y = make_preference_batch(2, 6, 23, 8, dtype=torch.float64, seed=3)
     ref_h = (h + 0.1 * torch.randn_like(h)).requires_grad_()
     ref_w.requires_grad_()
     ref_b = torch.zeros_like(b).requires_grad_()
@@ -121,7 +101,7 @@ def test_reference_head_equals_precomputed_and_gets_no_gradient():
 
 
 def test_module_matches_function():
-    h, w, b, ref_w, y = make_batch(2, 6, 23, 8, dtype=torch.float64, seed=4)
+    h, w, b, ref_w, y = make_preference_batch(2, 6, 23, 8, dtype=torch.float64, seed=4)
     kw = dict(beta=0.3, loss_type="ipo", variant="wpo_l", alignment="greedy", clamp_max=1.0, backend="torch")
     module = FusedLinearWPOLoss(**kw)
     assert "loss_type='ipo'" in repr(module)

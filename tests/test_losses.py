@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import make_preference_batch
 from wpo_kernels import wpo_loss, wpo_weights
 from wpo_kernels.losses import LOSS_TYPES, VARIANTS
 from wpo_kernels.reference import reference_linear_logprobs, reference_wpo_loss
@@ -14,24 +15,6 @@ from wpo_kernels.reference import reference_linear_logprobs, reference_wpo_loss
 ALIGNMENTS = ("none", "greedy", "sampled")
 FP64 = dict(rtol=1e-9, atol=1e-11)
 SMOOTHING = {"sigmoid": 0.1, "simpo": 0.2, "robust": 0.15}
-
-
-def make_pairs(pairs: int, length: int, vocab: int, hidden: int, seed: int, *, empty: bool = True):
-    """A ``[chosen; rejected]`` batch in fp64: hidden ``[2B, T, H]``, policy and reference heads
-    ``[V, H]``, targets ``[2B, T]`` with ragged masks (sequence 1 empty when ``empty``)."""
-    g = torch.Generator().manual_seed(seed)
-    n = 2 * pairs
-    h = torch.randn(n, length, hidden, generator=g, dtype=torch.float64)
-    w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) * (2 / hidden**0.5)
-    ref_w = w + 0.3 * torch.randn(vocab, hidden, generator=g, dtype=torch.float64) / hidden**0.5
-    y = torch.randint(0, vocab, (n, length), generator=g)
-    starts = torch.randint(0, length // 2, (n,), generator=g)
-    ends = torch.randint(length // 2 + 1, length + 1, (n,), generator=g)
-    pos = torch.arange(length)
-    keep = (pos >= starts[:, None]) & (pos < ends[:, None])
-    if empty:
-        keep[1] = False
-    return h, w, ref_w, y.masked_fill(~keep, -100)
 
 
 def loss_on_materialised(h, w, ref_w, y, *, alignment, **loss_kwargs):
@@ -67,7 +50,7 @@ def loss_on_materialised(h, w, ref_w, y, *, alignment, **loss_kwargs):
 @pytest.mark.parametrize("alignment", ALIGNMENTS)
 def test_every_combination_matches_paper_fp64(loss_type, variant, alignment):
     seed = 100 * LOSS_TYPES.index(loss_type) + 10 * VARIANTS.index(variant) + ALIGNMENTS.index(alignment)
-    h, w, ref_w, y = make_pairs(3, 6, 17, 8, seed=seed)
+    h, w, _, ref_w, y = make_preference_batch(3, 6, 17, 8, seed=seed)
     h.requires_grad_()
     w.requires_grad_()
     kw = dict(loss_type=loss_type, variant=variant, beta=0.7, label_smoothing=SMOOTHING.get(loss_type, 0.0))
@@ -102,7 +85,7 @@ def test_variant_none_is_plain_dpo_exactly():
 
 def test_gradient_is_the_papers_formula():
     """∇L = -β·w_w·w_l·σ(r̂_l - r̂_w)[∇log π(y_w|x) - ∇log π(y_l|x)], averaged over pairs, w.r.t. hidden."""
-    h, w, ref_w, y = make_pairs(2, 5, 11, 6, seed=7, empty=False)
+    h, w, _, ref_w, y = make_preference_batch(2, 5, 11, 6, seed=7, empty=False)
     h.requires_grad_()
     beta = 0.5
     loss = loss_on_materialised(h, w, ref_w, y, alignment="sampled", beta=beta).loss
