@@ -11,6 +11,11 @@ Model quirks are read from the (text) config the way TRL 1.16 reads them:
 - Granite / MiniCPM3 ``logits_scaling`` → ``logit_scale = 1 / logits_scaling`` (HyperCLOVA X multiplies);
 - tied embeddings need nothing: the head weight *is* the embedding matrix, gradients reach it once;
 - a bias on the head (Phi, GPT-J) is passed through.
+
+Heads stored across ranks are reached without gathering logits: a tensor-parallel head (a ``Shard(0)``
+DTensor, e.g. the ``transformers`` tensor-parallel plan) is scored vocabulary-parallel; an FSDP2 or
+DeepSpeed ZeRO-3 head is run inside its own module so the framework's hooks gather it (see
+:attr:`CausalLMHead.layout`).
 """
 
 from __future__ import annotations
@@ -19,13 +24,19 @@ import functools
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
 from wpo_kernels import LogitTransform, LogprobOutput, fused_linear_logprobs
+from wpo_kernels.distributed import (
+    dtensor_vocab_parallel_linear_logprobs,
+    head_linear_logprobs,
+    is_dtensor,
+    is_zero3_partitioned,
+)
 
 __all__ = [
     "CausalLMHead",
@@ -33,6 +44,7 @@ __all__ = [
     "add_wpo_lm_head",
     "backbone_of",
     "causal_lm_hidden_and_head",
+    "head_layout",
     "head_transform",
     "lm_head_of",
     "remove_wpo_lm_head",
@@ -103,19 +115,55 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return backbone
 
 
+HeadLayout = Literal["plain", "vocab_parallel", "sharded"]
+
+
+def head_layout(weight: Tensor, owners: Sequence[nn.Module] = ()) -> HeadLayout:
+    """How a head weight is stored across ranks, which decides how the fused call reaches it.
+
+    - ``"vocab_parallel"``: a tensor-parallel DTensor, ``Shard(0)`` on one mesh dimension and
+      ``Replicate()`` on the others (``transformers``' plan, ``ColwiseParallel``): each rank scores its
+      vocabulary slice (:func:`~wpo_kernels.distributed.dtensor_vocab_parallel_linear_logprobs`);
+    - ``"sharded"``: any other DTensor, one under FSDP2 (``fully_shard``: a 1-D FSDP mesh is ``Shard(0)``
+      too, so a DTensor is never read as tensor parallel when ``owners`` holds an ``FSDPModule``), or a
+      DeepSpeed ZeRO-3 partition: gathered by the head module's hooks
+      (:func:`~wpo_kernels.distributed.head_linear_logprobs`);
+    - ``"plain"``: a local tensor (single device, DDP, FSDP2 / ZeRO-3 inside an unsharding forward).
+
+    ``owners``: the head module and the models holding it (wrappers included).
+    """
+    if is_zero3_partitioned(weight):
+        return "sharded"
+    if not is_dtensor(weight):
+        return "plain"
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import Replicate, Shard
+
+    if any(isinstance(m, FSDPModule) for m in owners):
+        return "sharded"
+    split = [p for p in weight.placements if not isinstance(p, Replicate)]
+    if len(split) == 1 and isinstance(split[0], Shard) and split[0].dim in (0, -2):
+        return "vocab_parallel"
+    return "sharded"
+
+
 @dataclass(frozen=True)
 class CausalLMHead:
-    """A causal LM's output layer as the fused kernel takes it.
+    """A causal LM's output layer as the fused kernel takes it (built by :func:`lm_head_of`).
 
     Attributes:
         weight: ``[V, H]`` head weight (the input embedding when tied), a live parameter.
         bias: ``[V]`` or None.
         transform: the model's logit transform (softcap, logit scale, temperature).
+        module: the head module (``get_output_embeddings()``); needed for a ``"sharded"`` layout.
+        layout: how ``weight`` is stored across ranks, see :func:`head_layout`.
     """
 
     weight: Tensor
     bias: Tensor | None
     transform: LogitTransform
+    module: nn.Module | None = None
+    layout: HeadLayout = "plain"
 
     def logprobs(
         self,
@@ -129,7 +177,9 @@ class CausalLMHead:
         """Per-token ``log p(targets | hidden)`` (and requested statistics) without ``[..., V]`` logits.
 
         Args:
-            hidden: ``[..., H]`` hidden states; cast to the head's dtype (or the autocast dtype).
+            hidden: ``[..., H]`` hidden states; cast to the head's dtype (or the autocast dtype; a
+                ``"sharded"`` head, gathered inside its own forward, computes in its parameters' dtype).
+                Replicated over the tensor-parallel group for a ``"vocab_parallel"`` head.
             targets: ``[...]`` integer token ids, ``ignore_index`` where nothing is scored.
             outputs / ignore_index / backend: as in :func:`wpo_kernels.fused_linear_logprobs`.
 
@@ -139,26 +189,33 @@ class CausalLMHead:
         Example:
             >>> head.logprobs(hidden[:, :-1], input_ids[:, 1:], outputs=("log_sum_sq_probs",))
         """
-        weight, bias = self.weight, self.bias
+        weight, bias, transform = self.weight, self.bias, self.transform
         device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):
+        if torch.is_autocast_enabled(device_type) and self.layout != "sharded":
             dtype = torch.get_autocast_dtype(device_type)
         else:
             dtype = weight.dtype
+        options = dict(
+            ignore_index=ignore_index,
+            temperature=transform.temperature,
+            softcap=transform.softcap,
+            logit_scale=transform.logit_scale,
+            outputs=outputs,
+            backend=backend,
+        )
+        hidden, targets = hidden.to(device=weight.device, dtype=dtype), targets.to(weight.device)
+        if self.layout == "sharded" and self.module is None:
+            raise ValueError("a sharded head (FSDP2, ZeRO-3) runs through its module: use lm_head_of")
         # The fused kernel runs outside autocast on explicit dtypes, like autocast would run a Linear.
         with torch.autocast(device_type, enabled=False):
-            return fused_linear_logprobs(
-                hidden.to(device=weight.device, dtype=dtype),
-                weight.to(dtype),
-                targets.to(weight.device),
-                bias=None if bias is None else bias.to(dtype),
-                ignore_index=ignore_index,
-                temperature=self.transform.temperature,
-                softcap=self.transform.softcap,
-                logit_scale=self.transform.logit_scale,
-                outputs=outputs,
-                backend=backend,  # type: ignore[arg-type]
-            )
+            if self.layout == "sharded":  # gathered by the module's own hooks, in the module's dtype
+                return head_linear_logprobs(self.module, hidden, targets, **options)
+            if self.layout == "vocab_parallel":
+                fused = dtensor_vocab_parallel_linear_logprobs
+            else:
+                fused = fused_linear_logprobs
+            bias = None if bias is None else bias.to(dtype)
+            return fused(hidden, weight.to(dtype), targets, bias=bias, **options)
 
 
 def lm_head_of(model: nn.Module, *, temperature: float = 1.0) -> CausalLMHead:
@@ -177,11 +234,13 @@ def lm_head_of(model: nn.Module, *, temperature: float = 1.0) -> CausalLMHead:
             "the adapter would be ignored. Remove 'lm_head' from the adapter's target_modules."
         )
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
+    # a ZeRO-3 partitioned parameter is an empty placeholder; its full shape is `ds_shape`
+    if not isinstance(weight, Tensor) or len(getattr(weight, "ds_shape", weight.shape)) != 2:
         raise ValueError(f"the LM head of {type(lm).__name__} must have a [V, H] weight, got {type(head)}")
     bias = getattr(head, "bias", None)
     transform = head_transform(lm.config, temperature=temperature)
-    return CausalLMHead(weight=weight, bias=bias, transform=transform)
+    layout = head_layout(weight, (head, lm, model))
+    return CausalLMHead(weight=weight, bias=bias, transform=transform, module=head, layout=layout)
 
 
 def causal_lm_hidden_and_head(

@@ -9,6 +9,7 @@ again below for a worker that imports this module first.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -44,13 +45,18 @@ pytestmark = pytest.mark.skipif(
 def _entry(rank: int, world_size: int, init_method: str, worker, args: tuple) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+        "gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=300)
     )
     try:
         worker(rank, world_size, *args)
         dist.barrier()  # gloo aborts if a rank tears down while another is still in a collective
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter finalisation: a gloo thread still joinable when C++ statics are destroyed
+    # aborts the process ("terminate called without an active exception") after the test has passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(world_size: int, tmp_path: Path, worker, *args) -> None:

@@ -427,7 +427,7 @@ def dtensor_vocab_parallel_linear_logprobs(
     """
     from torch.distributed.tensor import Replicate, Shard
 
-    if not _is_dtensor(weight):
+    if not is_dtensor(weight):
         raise TypeError(f"weight must be a DTensor, got {type(weight).__name__}")
     placements = tuple(weight.placements)
     vocab_dims = [d for d, p in enumerate(placements) if isinstance(p, Shard) and p.dim in (0, -2)]
@@ -437,7 +437,7 @@ def dtensor_vocab_parallel_linear_logprobs(
             f"weight must be placed Shard(0) on one mesh dimension and Replicate() on the others, got "
             f"{placements}; for FSDP-sharded heads use head_linear_logprobs or gathered_head_weight"
         )
-    if bias is not None and (not _is_dtensor(bias) or tuple(bias.placements) != placements):
+    if bias is not None and (not is_dtensor(bias) or tuple(bias.placements) != placements):
         raise ValueError(f"bias must be a DTensor with the weight's placements {placements}")
     mesh, dim = weight.device_mesh, vocab_dims[0]
     vocab_size, parts = weight.shape[0], mesh.size(dim)
@@ -466,7 +466,8 @@ def dtensor_vocab_parallel_linear_logprobs(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _is_dtensor(t: object) -> bool:
+def is_dtensor(t: object) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2 or tensor-parallel parameter)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
@@ -488,7 +489,8 @@ def _full_dtensor(t: Tensor, grad_reduce: Literal["avg", "sum"]) -> Tensor:
     return full.to_local(grad_placements=[Partial(grad_reduce)] * mesh.ndim)
 
 
-def _is_zero3(t: object) -> bool:
+def is_zero3_partitioned(t: object) -> bool:
+    """True for a DeepSpeed ZeRO-3 partitioned parameter (recognised without importing deepspeed)."""
     return hasattr(t, "ds_id") and hasattr(t, "ds_status")
 
 
@@ -517,7 +519,7 @@ def gathered_head_weight(
     """
     if grad_reduce not in ("avg", "sum"):
         raise ValueError(f"grad_reduce must be 'avg' or 'sum', got {grad_reduce!r}")
-    zero3 = [p for p in params if p is not None and _is_zero3(p)]
+    zero3 = [p for p in params if p is not None and is_zero3_partitioned(p)]
     with ExitStack() as stack:
         if zero3:
             try:
@@ -529,7 +531,7 @@ def gathered_head_weight(
             pending = {id(p): p for p in zero3 if p.ds_status != ZeroParamStatus.AVAILABLE}
             if pending:
                 stack.enter_context(deepspeed.zero.GatheredParameters(list(pending.values())))
-        yield tuple(_full_dtensor(p, grad_reduce) if p is not None and _is_dtensor(p) else p for p in params)
+        yield tuple(_full_dtensor(p, grad_reduce) if p is not None and is_dtensor(p) else p for p in params)
 
 
 def head_linear_logprobs(
