@@ -187,6 +187,24 @@ def test_zero_weights_and_extreme_logps_stay_finite():
         assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_minus_inf_logps_with_zero_weight_add_nothing(loss_type):
+    """A target on a masked vocabulary entry gives log-prob -inf and WPO weight 0: that pair (or output)
+    drops out of the loss and its gradient instead of turning them into NaN."""
+    pc = torch.tensor([-float("inf"), -3.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-2.0, -4.0], dtype=torch.float64, requires_grad=True)
+    z, w = torch.zeros(2, dtype=torch.float64), torch.tensor([0.0, 0.5], dtype=torch.float64)
+    lengths = dict(chosen_lengths=z + 3, rejected_lengths=z + 3)
+    out = wpo_loss(pc, pr, z, z, w, w, loss_type=loss_type, **lengths)
+    second = {k: v[1:] for k, v in lengths.items()}
+    alone = wpo_loss(pc[1:], pr[1:], z[1:], z[1:], w[1:], w[1:], loss_type=loss_type, **second)
+    grads = torch.autograd.grad(out.loss, (pc, pr))
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
+    assert grads[0][0] == 0 and grads[1][0] == 0
+    scale = 0.5 if loss_type != "kto" else 1.0  # the mean over 2 pairs vs 1 (KTO normalises weights)
+    torch.testing.assert_close(out.loss, scale * alone.loss, **FP64)
+
+
 def _good_args():
     b = torch.zeros(3)
     return dict(

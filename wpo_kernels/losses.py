@@ -307,6 +307,8 @@ def wpo_loss(
     else:
         h = score_w / len_w - score_l / len_l if loss_type == "ipo" else score_w - score_l
         omega = pair_weight(w_w, w_l, variant)
+        # a pair of weight 0 adds nothing, even when its log-probs are -inf (0 · inf would be NaN)
+        h = torch.where(omega > 0, h, torch.zeros_like(h))
         per_pair = _PAIRED[loss_type](h, beta, eps, gamma)
         loss = (omega * per_pair).mean() if batch else per_pair.sum()  # sum of nothing: a connected 0
         metrics.update(_weight_metrics("pair", omega))
