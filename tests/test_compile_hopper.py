@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from triton.compiler import ASTSource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kernels_compile_for_sm90() -> None:
     """Both kernels, bf16/fp16/fp32, every constexpr switch off and on, the first autotune config
     (``python -m tests.hopper_compile_probe --all-configs`` compiles every config)."""
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("the probe uses ASTSource(fn, signature, constexprs), which this triton lacks")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter skips codegen
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run(
