@@ -37,6 +37,8 @@ def vocab_stats(
     vocab_start: int = 0,
     need_mean_logit: bool = False,
 ) -> VocabStats:
+    """Raw per-token statistics (:class:`VocabStats`, ``[N]`` each) of ``weight``'s vocabulary slice
+    starting at ``vocab_start``, from the chosen backend; hidden ``[N, H]``, weight ``[V, H]``."""
     impl = triton_vocab_stats if backend == "triton" else torch_vocab_stats
     return impl(
         hidden, weight, bias, targets, transform, vocab_start=vocab_start, need_mean_logit=need_mean_logit

@@ -23,6 +23,7 @@ def chunk_size(n_tokens: int, vocab: int) -> int:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 inputs (gradcheck), fp32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -109,6 +109,7 @@ def outputs_from_stats(
 
 
 def check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
+    """``outputs`` as a tuple of names from :data:`OUTPUT_NAMES` (a single name is accepted)."""
     if isinstance(outputs, str):
         outputs = (outputs,)
     unknown = [o for o in outputs if o not in OUTPUT_NAMES]
