@@ -77,7 +77,9 @@ def target_logprobs(stats: VocabStats, targets: Tensor, ignore_index: int) -> Te
 
 class LinearLogprobsFunction(torch.autograd.Function):
     """``logprobs[i] = log softmax(transform(hidden @ weight.T + bias))[i, targets[i]]`` without the
-    ``[N, V]`` logits. Returns ``(logprobs, stats)``; only ``logprobs`` carries gradient."""
+    ``[N, V]`` logits. Returns ``(logprobs, max_logit, lse, lse2, mean_logit)`` (``mean_logit`` empty
+    unless requested); only ``logprobs`` carries gradient. Saves the inputs and ``lse``, nothing
+    ``[N, V]``."""
 
     @staticmethod
     def forward(
