@@ -92,3 +92,21 @@ def make_preference_batch(
         keep[1] = False
     cast = lambda t: t.to(device=device, dtype=dtype)
     return cast(h), cast(w), cast(b), cast(ref_w), y.masked_fill(~keep, -100).to(device)
+
+
+def tiny_decoder_config(vocab: int, hidden: int, **overrides: object) -> dict[str, object]:
+    """Keyword arguments of a one-layer, two-head decoder config (Llama family) for tests; ``overrides``
+    replace or add fields (``tie_word_embeddings``, ``final_logit_softcapping``, ...)."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32,
+        "pad_token_id": 0,
+        "bos_token_id": None,
+        "eos_token_id": 1,
+        **overrides,
+    }

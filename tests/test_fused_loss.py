@@ -8,7 +8,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from tests.helpers import make_preference_batch
+from tests.helpers import make_preference_batch, tiny_decoder_config
 from wpo_kernels import FusedLinearWPOLoss, fused_linear_wpo_loss
 from wpo_kernels.losses import LOSS_TYPES, VARIANTS
 from wpo_kernels.reference import reference_wpo_loss
@@ -205,15 +205,7 @@ def _trl_batch(pairs: int = 3, length: int = 10, seed: int = 0):
     transformers = pytest.importorskip("transformers")
     trl_utils = pytest.importorskip("trl.trainer.utils")
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = transformers.LlamaConfig(**tiny_decoder_config(64, 32, max_position_embeddings=64))
     model = transformers.LlamaForCausalLM(config).eval()
     trl_utils.add_fused_lm_head(
         model, outputs=("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers import tiny_decoder_config  # noqa: E402
 from wpo_kernels.integration.hf import (  # noqa: E402
     add_wpo_lm_head,
     causal_lm_hidden_and_head,
@@ -26,18 +27,7 @@ from wpo_kernels.integration.hf import (  # noqa: E402
 )
 
 V, H, B, T = 96, 32, 3, 11
-SMALL = dict(
-    vocab_size=V,
-    hidden_size=H,
-    intermediate_size=2 * H,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-    pad_token_id=0,
-    bos_token_id=None,
-    eos_token_id=1,
-)
+SMALL = tiny_decoder_config(V, H)
 
 
 def _gemma2() -> torch.nn.Module:

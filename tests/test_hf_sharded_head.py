@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from tests.helpers import GRAD_RTOL, VALUE_RTOL, rel_err  # noqa: E402
+from tests.helpers import GRAD_RTOL, VALUE_RTOL, rel_err, tiny_decoder_config  # noqa: E402
 from tests.test_distributed import spawn  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -46,19 +46,7 @@ VALUE_TOL, GRAD_TOL = VALUE_RTOL[torch.float32], GRAD_RTOL[torch.float32]
 
 def _tiny_llama() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=2 * H,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=1,
-        tie_word_embeddings=False,
-    )
+    config = transformers.LlamaConfig(**tiny_decoder_config(V, H, tie_word_embeddings=False))
     model = transformers.LlamaForCausalLM(config).float().eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(40.0)  # logits of a few units, not a near-uniform softmax

@@ -20,6 +20,7 @@ datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
 import wpo_kernels.fallback  # noqa: E402
+from tests.helpers import tiny_decoder_config  # noqa: E402
 from wpo_kernels.integration.examples.toy_setup import build_tokenizer, load_pairs  # noqa: E402
 from wpo_kernels.integration.trl import WPOConfig, WPOTrainer, check_trl_version  # noqa: E402
 from wpo_kernels.losses import wpo_loss  # noqa: E402
@@ -40,19 +41,8 @@ def tokenizer(records: list[dict[str, str]]) -> transformers.PreTrainedTokenizer
 
 def tiny_llama(vocab: int = 128, hidden: int = 16, seed: int = 0) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-        initializer_range=0.5,  # non-trivial probabilities, so the weights differ from pair to pair
-    )
+    # initializer_range: non-trivial probabilities, so the weights differ from pair to pair
+    config = transformers.LlamaConfig(**tiny_decoder_config(vocab, hidden, initializer_range=0.5))
     return transformers.LlamaForCausalLM(config)
 
 
