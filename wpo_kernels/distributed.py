@@ -35,8 +35,11 @@ from wpo_kernels.autograd import (
 )
 from wpo_kernels.linear_logprobs import (
     check_outputs,
+    flatten_tokens,
     fused_linear_logprobs,
+    needs_autograd,
     outputs_from_stats,
+    per_token_from_stats,
     validate_inputs,
 )
 from wpo_kernels.types import LogitTransform, LogprobOutput, VocabStats
@@ -365,16 +368,11 @@ def vocab_parallel_linear_logprobs(
         ignore_index=ignore_index,
         transform=transform,
     )
-    shape = tuple(targets.shape)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1).contiguous()
+    h, y = flatten_tokens(hidden, targets)
     chosen = resolve_backend(backend, h)
     need_mean = "entropy" in outputs
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight_shard, bias_shard)
-    )
-    if needs_grad:
-        logprobs, max_logit, lse, lse2, mean_logit = VocabParallelLogprobsFunction.apply(
+    if needs_autograd(hidden, weight_shard, bias_shard):
+        per_token = VocabParallelLogprobsFunction.apply(
             h,
             weight_shard,
             bias_shard,
@@ -388,12 +386,11 @@ def vocab_parallel_linear_logprobs(
             process_group,
             reduce_grad_hidden,
         )
-        stats = VocabStats(logprobs, max_logit, lse, lse2, mean_logit if need_mean else None)
     else:
         local = _local_stats(chosen, h, weight_shard, bias_shard, y, transform, vocab_start, need_mean)
         stats = combine_vocab_stats(local, weight_shard.shape[0], vocab_size, process_group)
-        logprobs = target_logprobs(stats, y, ignore_index)
-    return outputs_from_stats(logprobs, stats, outputs, shape)
+        per_token = per_token_from_stats(stats, y, ignore_index)
+    return outputs_from_stats(per_token, outputs, tuple(targets.shape))
 
 
 def dtensor_vocab_parallel_linear_logprobs(

@@ -91,21 +91,40 @@ def validate_inputs(
         )
 
 
-def outputs_from_stats(
-    logprobs: Tensor, stats: VocabStats, outputs: Sequence[str], shape: tuple[int, ...]
-) -> LogprobOutput:
-    """Derive the requested per-token outputs from raw vocabulary statistics, reshaped to ``shape``."""
+#: ``(logprobs, max_logit, lse, lse2, mean_logit)``, each ``[N]``: what the autograd Functions return.
+PerToken = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]
+
+
+def per_token_from_stats(stats: VocabStats, targets: Tensor, ignore_index: int) -> PerToken:
+    """The forward-only path's :data:`PerToken` (no graph): target log-probs plus the raw statistics."""
+    logprobs = target_logprobs(stats, targets, ignore_index)
+    return logprobs, stats.max_logit, stats.lse, stats.lse2, stats.mean_logit
+
+
+def outputs_from_stats(per_token: PerToken, outputs: Sequence[str], shape: tuple[int, ...]) -> LogprobOutput:
+    """Derive the requested outputs from :data:`PerToken` raw statistics, reshaped to ``shape``."""
+    logprobs, max_logit, lse, lse2, mean_logit = per_token
     derived = {
-        "lse": lambda: stats.lse,
-        "log_max_prob": lambda: stats.max_logit - stats.lse,
-        "log_sum_sq_probs": lambda: stats.lse2 - 2 * stats.lse,
-        "entropy": lambda: stats.lse - stats.mean_logit,
+        "lse": lambda: lse,
+        "log_max_prob": lambda: max_logit - lse,
+        "log_sum_sq_probs": lambda: lse2 - 2 * lse,
+        "entropy": lambda: lse - mean_logit,
     }
     result = LogprobOutput(logprobs=logprobs.reshape(shape))
     for name in outputs:
         if name != "logprobs":
             setattr(result, name, derived[name]().detach().reshape(shape))
     return result
+
+
+def flatten_tokens(hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``hidden [..., H]`` as ``[N, H]`` and ``targets [...]`` as a contiguous ``[N]``."""
+    return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).contiguous()
+
+
+def needs_autograd(*tensors: Tensor | None) -> bool:
+    """Whether a call must build a graph: grad mode is on and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def check_outputs(outputs: Sequence[str]) -> tuple[str, ...]:
@@ -168,20 +187,14 @@ def fused_linear_logprobs(
     outputs = check_outputs(outputs)
     _check_positive("grad_filter_eps", grad_filter_eps, allow_none=True)
     validate_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, transform=transform)
-    shape = tuple(targets.shape)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1).contiguous()
+    h, y = flatten_tokens(hidden, targets)
     chosen = resolve_backend(backend, h)
     need_mean = "entropy" in outputs
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
-    if needs_grad:
-        logprobs, max_logit, lse, lse2, mean_logit = LinearLogprobsFunction.apply(
+    if needs_autograd(hidden, weight, bias):
+        per_token = LinearLogprobsFunction.apply(
             h, weight, bias, y, ignore_index, transform, chosen, need_mean, grad_filter_eps
         )
-        stats = VocabStats(logprobs, max_logit, lse, lse2, mean_logit if need_mean else None)
     else:
         stats = vocab_stats(chosen, h, weight, bias, y, transform, need_mean_logit=need_mean)
-        logprobs = target_logprobs(stats, y, ignore_index)
-    return outputs_from_stats(logprobs, stats, outputs, shape)
+        per_token = per_token_from_stats(stats, y, ignore_index)
+    return outputs_from_stats(per_token, outputs, tuple(targets.shape))
