@@ -277,3 +277,23 @@ def test_compiled_kernels_at_model_scale(n: int, h: int, v: int, dtype: torch.dt
     """Compiled (not interpreted) kernels on real-sized heads, including autotuned block sizes."""
     inputs = make_inputs(n, h, v, dtype, "cuda", bias=True, n_ignored=17, weight_scale=3.0)
     check_against_reference(inputs, dtype, "triton", softcap=30.0)
+
+
+@pytest.mark.parametrize("n,h,v", [(33, 40, 131), (64, 32, 64)])
+def test_gpu_operand_path_fp16_in_interpreter(
+    n: int, h: int, v: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU's operand path (no upcast: ``tl.dot`` on fp16 tiles, ``dL`` rounded to fp16 for the
+    gradient GEMMs) run in the interpreter, whose fp16 dot is exact: the GPU's precision budget holds."""
+    from wpo_kernels.kernels import backward, forward, logits_tile
+
+    if not logits_tile.interpreter_active():
+        pytest.skip("runs the GPU operand path in the interpreter; on a GPU the other tests cover it")
+
+    def gpu_switches(dtype: torch.dtype) -> dict[str, object]:
+        return {**logits_tile.dot_switches(dtype), "UPCAST_DOT": dtype == torch.bfloat16}
+
+    monkeypatch.setattr(forward, "dot_switches", gpu_switches)
+    monkeypatch.setattr(backward, "dot_switches", gpu_switches)
+    inputs = make_inputs(n, h, v, torch.float16, "cpu", bias=True, n_ignored=3)
+    check_against_reference(inputs, torch.float16, "triton", softcap=20.0)
