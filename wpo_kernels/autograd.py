@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -75,6 +75,43 @@ def target_logprobs(stats: VocabStats, targets: Tensor, ignore_index: int) -> Te
     return torch.where(targets == ignore_index, 0.0, stats.target_logit - stats.lse)
 
 
+def finish_forward(
+    ctx: Any,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    stats: VocabStats,
+    ignore_index: int,
+    need_mean_logit: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The end of every logprobs Function's forward: save the inputs and ``lse`` (nothing ``[N, V]``),
+    mark the statistics non-differentiable and return ``(logprobs, max_logit, lse, lse2, mean_logit)``
+    (``mean_logit`` empty unless requested)."""
+    logprobs = target_logprobs(stats, targets, ignore_index)
+    ctx.save_for_backward(hidden, weight, bias, targets, stats.lse)
+    ctx.ignore_index = ignore_index
+    mean_logit = stats.mean_logit if need_mean_logit else stats.lse.new_empty(0)
+    ctx.mark_non_differentiable(stats.max_logit, stats.lse, stats.lse2, mean_logit)
+    return logprobs, stats.max_logit, stats.lse, stats.lse2, mean_logit
+
+
+def kept_token_grad(grad_logprobs: Tensor, targets: Tensor, ignore_index: int, dtype: torch.dtype) -> Tensor:
+    """The upstream gradient with exact zeros at ignored tokens, contiguous, in the kernels' dtype."""
+    return torch.where(targets == ignore_index, 0.0, grad_logprobs).to(dtype).contiguous()
+
+
+def input_grads(
+    ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, dh: Tensor, dw: Tensor, db: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """fp32 kernel gradients cast to the inputs' dtypes, None where no gradient was asked for."""
+    return (
+        dh.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
+        dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+        db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
+    )
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """``logprobs[i] = log softmax(transform(hidden @ weight.T + bias))[i, targets[i]]`` without the
     ``[N, V]`` logits. Returns ``(logprobs, max_logit, lse, lse2, mean_logit)`` (``mean_logit`` empty
@@ -97,25 +134,15 @@ class LinearLogprobsFunction(torch.autograd.Function):
         stats = vocab_stats(
             backend, hidden, weight, bias, targets, transform, need_mean_logit=need_mean_logit
         )
-        logprobs = target_logprobs(stats, targets, ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse)
-        ctx.ignore_index, ctx.transform, ctx.backend = ignore_index, transform, backend
-        ctx.grad_filter_eps = grad_filter_eps
-        mean_logit = stats.mean_logit if need_mean_logit else stats.lse.new_empty(0)
-        ctx.mark_non_differentiable(stats.max_logit, stats.lse, stats.lse2, mean_logit)
-        return logprobs, stats.max_logit, stats.lse, stats.lse2, mean_logit
+        ctx.transform, ctx.backend, ctx.grad_filter_eps = transform, backend, grad_filter_eps
+        return finish_forward(ctx, hidden, weight, bias, targets, stats, ignore_index, need_mean_logit)
 
     @staticmethod
     def backward(ctx, grad_logprobs: Tensor, *unused: Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        grad = torch.where(targets == ctx.ignore_index, 0.0, grad_logprobs).to(lse.dtype).contiguous()
+        grad = kept_token_grad(grad_logprobs, targets, ctx.ignore_index, lse.dtype)
         dh, dw, db = linear_logprobs_backward(
             ctx.backend, hidden, weight, bias, targets, lse, grad, ctx.transform,
             filter_eps=ctx.grad_filter_eps,
         )
-        return (
-            dh.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
-            dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-            db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
-            None, None, None, None, None, None,
-        )
+        return (*input_grads(ctx, hidden, weight, bias, dh, dw, db), None, None, None, None, None, None)

@@ -28,9 +28,11 @@ from torch import Tensor, nn
 
 from wpo_kernels.autograd import (
     Backend,
+    finish_forward,
+    input_grads,
+    kept_token_grad,
     linear_logprobs_backward,
     resolve_backend,
-    target_logprobs,
     vocab_stats,
 )
 from wpo_kernels.linear_logprobs import (
@@ -214,22 +216,18 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         local = _local_stats(backend, hidden, weight, bias, targets, transform, vocab_start, need_mean_logit)
         stats = combine_vocab_stats(local, weight.shape[0], vocab_size, process_group)
-        logprobs = target_logprobs(stats, targets, ignore_index)
-        ctx.save_for_backward(hidden, weight, bias, targets, stats.lse)
-        ctx.ignore_index, ctx.transform, ctx.backend = ignore_index, transform, backend
+        ctx.transform, ctx.backend = transform, backend
         # a weak reference: a graph kept alive past destroy_process_group() must not keep the group alive
         # (gloo then aborts the process at exit, now and then)
         ctx.vocab_start = vocab_start
         ctx.group_ref = weakref.ref(process_group) if process_group is not None else None
         ctx.reduce_grad_hidden = reduce_grad_hidden
-        mean_logit = stats.mean_logit if need_mean_logit else stats.lse.new_empty(0)
-        ctx.mark_non_differentiable(stats.max_logit, stats.lse, stats.lse2, mean_logit)
-        return logprobs, stats.max_logit, stats.lse, stats.lse2, mean_logit
+        return finish_forward(ctx, hidden, weight, bias, targets, stats, ignore_index, need_mean_logit)
 
     @staticmethod
     def backward(ctx, grad_logprobs: Tensor, *unused: Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        grad = torch.where(targets == ctx.ignore_index, 0.0, grad_logprobs).to(lse.dtype).contiguous()
+        grad = kept_token_grad(grad_logprobs, targets, ctx.ignore_index, lse.dtype)
         dh, dw, db = _local_backward(
             ctx.backend, hidden, weight, bias, targets, lse, grad, ctx.transform, ctx.vocab_start
         )
@@ -242,12 +240,7 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
             if _group_size(group) > 1:
                 # each slice contributes dL_r @ W_r; the full dH is their sum (fp32, before the cast)
                 dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=group)
-        return (
-            dh.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
-            dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-            db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
-            *([None] * 9),
-        )
+        return (*input_grads(ctx, hidden, weight, bias, dh, dw, db), *([None] * 9))
 
 
 def _validate_parallel(
