@@ -18,12 +18,21 @@ Backend = Literal["auto", "triton", "torch"]
 
 def resolve_backend(backend: Backend, hidden: Tensor) -> Literal["triton", "torch"]:
     """``auto``: Triton for CUDA tensors and under ``TRITON_INTERPRET=1``, the chunked torch fallback
-    otherwise (and always for float64, which the kernels do not take)."""
-    if backend != "auto":
-        return backend
-    if hidden.dtype == torch.float64:
+    otherwise (and always for float64, which the kernels do not take). fp32 CUDA tensors without tf32
+    (``torch.backends.cuda.matmul.allow_tf32`` False, torch's default) take the torch path on cuBLAS
+    even when ``"triton"`` is asked for: the kernels would run their GEMM on FMA units and spill."""
+    if backend == "auto":
+        if hidden.dtype == torch.float64:
+            return "torch"
+        backend = "triton" if hidden.is_cuda or interpreter_active() else "torch"
+    if (
+        backend == "triton"
+        and hidden.is_cuda
+        and hidden.dtype == torch.float32
+        and not torch.backends.cuda.matmul.allow_tf32
+    ):
         return "torch"
-    return "triton" if hidden.is_cuda or interpreter_active() else "torch"
+    return backend
 
 
 def vocab_stats(
@@ -56,17 +65,23 @@ def linear_logprobs_backward(
     transform: LogitTransform,
     *,
     vocab_start: int = 0,
-    filter_eps: float | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """fp32 ``(dH, dW, db)``; ``filter_eps`` (gradient filtering) applies to the Triton kernel only, the
-    torch fallback always computes the exact gradient."""
+    need_grad_hidden: bool = True,
+    need_grad_weight: bool = True,
+    grad_hidden_fp32: bool = False,
+    fp32_grad_accumulation: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dH, dW, db)`` from the chosen backend: the Triton path returns them in the parameters' dtypes
+    (``dH`` in fp32 with ``grad_hidden_fp32``; None where not needed), the torch fallback in its compute
+    dtype (fp32, fp64 for fp64 inputs); :func:`input_grads` casts. ``fp32_grad_accumulation`` applies
+    to the Triton path (the fallback always accumulates in fp32)."""
     if backend == "torch":
         return torch_linear_logprobs_backward(
             hidden, weight, bias, targets, lse, grad_logprobs, transform, vocab_start=vocab_start
         )
     return triton_linear_logprobs_backward(
         hidden, weight, bias, targets, lse, grad_logprobs, transform,
-        vocab_start=vocab_start, filter_eps=filter_eps,
+        vocab_start=vocab_start, need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight,
+        grad_hidden_fp32=grad_hidden_fp32, fp32_grad_accumulation=fp32_grad_accumulation,
     )
 
 
@@ -102,9 +117,16 @@ def kept_token_grad(grad_logprobs: Tensor, targets: Tensor, ignore_index: int, d
 
 
 def input_grads(
-    ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, dh: Tensor, dw: Tensor, db: Tensor | None
+    ctx: Any,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    dh: Tensor | None,
+    dw: Tensor | None,
+    db: Tensor | None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """fp32 kernel gradients cast to the inputs' dtypes, None where no gradient was asked for."""
+    """Backend gradients cast to the inputs' dtypes (a no-op where they already match), None where no
+    gradient was asked for."""
     return (
         dh.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
         dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
@@ -129,12 +151,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
         transform: LogitTransform,
         backend: Literal["triton", "torch"],
         need_mean_logit: bool,
-        grad_filter_eps: float | None,
+        fp32_grad_accumulation: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         stats = vocab_stats(
             backend, hidden, weight, bias, targets, transform, need_mean_logit=need_mean_logit
         )
-        ctx.transform, ctx.backend, ctx.grad_filter_eps = transform, backend, grad_filter_eps
+        ctx.transform, ctx.backend, ctx.fp32_grad_accumulation = transform, backend, fp32_grad_accumulation
         return finish_forward(ctx, hidden, weight, bias, targets, stats, ignore_index, need_mean_logit)
 
     @staticmethod
@@ -143,6 +165,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         grad = kept_token_grad(grad_logprobs, targets, ctx.ignore_index, lse.dtype)
         dh, dw, db = linear_logprobs_backward(
             ctx.backend, hidden, weight, bias, targets, lse, grad, ctx.transform,
-            filter_eps=ctx.grad_filter_eps,
+            need_grad_hidden=ctx.needs_input_grad[0], need_grad_weight=ctx.needs_input_grad[1],
+            fp32_grad_accumulation=ctx.fp32_grad_accumulation,
         )
         return (*input_grads(ctx, hidden, weight, bias, dh, dw, db), None, None, None, None, None, None)

@@ -185,8 +185,10 @@ def _local_backward(
     vocab_start: int,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     if weight.shape[0] > 0:
+        # dH in fp32: the ranks' shares are summed before the cast
         return linear_logprobs_backward(
-            backend, hidden, weight, bias, targets, lse, grad, transform, vocab_start=vocab_start
+            backend, hidden, weight, bias, targets, lse, grad, transform, vocab_start=vocab_start,
+            grad_hidden_fp32=True,
         )
     dh = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device)
     dw = torch.zeros(weight.shape, dtype=lse.dtype, device=hidden.device)

@@ -149,7 +149,7 @@ def fused_linear_logprobs(
     logit_scale: float = 1.0,
     outputs: Sequence[str] = ("logprobs",),
     backend: Backend = "auto",
-    grad_filter_eps: float | None = None,
+    fp32_grad_accumulation: bool = False,
 ) -> LogprobOutput:
     """Per-token log-probabilities of ``targets`` under an LM head, and the vocabulary statistics WPO
     needs, without materialising the ``[N, V]`` logits (forward or backward).
@@ -167,12 +167,11 @@ def fused_linear_logprobs(
             (WPO weights are detached by definition); ``entropy`` costs one extra running sum.
         backend: ``"auto"`` (Triton on CUDA and under ``TRITON_INTERPRET=1``, else the chunked torch
             fallback), ``"triton"`` or ``"torch"``.
-        grad_filter_eps: gradient filtering in the Triton backward: a ``[BLOCK_N, BLOCK_V]`` tile whose
-            softmax probabilities are all below this value and which holds no target is skipped.
-            ``None`` (default) computes the exact gradient. ``torch.finfo(dtype).eps / 32`` (``2**-12``
-            for bf16, ``2**-15`` for fp16) changed gradients by less than their rounding on peaked
-            (trained-model) logits in our tests; on flat distributions it drops real probability mass,
-            so leave it off there. The torch fallback ignores it (always exact).
+        fp32_grad_accumulation: the Triton backward sums the weight (and bias) gradient over token slabs
+            of up to 2048 rows; by default straight into the returned half-precision gradient (rounded
+            once per slab), with True in an fp32 ``[V, H]`` buffer rounded once at the end (exact
+            accumulation, ``4·V·H`` bytes more). No effect on fp32 inputs or the torch fallback (both
+            always accumulate in fp32).
 
     Returns:
         :class:`LogprobOutput` with ``[...]``-shaped float32 tensors (float64 for float64 inputs).
@@ -185,14 +184,13 @@ def fused_linear_logprobs(
     """
     transform = LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     outputs = check_outputs(outputs)
-    _check_positive("grad_filter_eps", grad_filter_eps, allow_none=True)
     validate_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, transform=transform)
     h, y = flatten_tokens(hidden, targets)
     chosen = resolve_backend(backend, h)
     need_mean = "entropy" in outputs
     if needs_autograd(hidden, weight, bias):
         per_token = LinearLogprobsFunction.apply(
-            h, weight, bias, y, ignore_index, transform, chosen, need_mean, grad_filter_eps
+            h, weight, bias, y, ignore_index, transform, chosen, need_mean, bool(fp32_grad_accumulation)
         )
     else:
         stats = vocab_stats(chosen, h, weight, bias, y, transform, need_mean_logit=need_mean)

@@ -57,15 +57,18 @@ def logits_tile(
     vocabulary) and the derivative of the transform w.r.t. the raw logit, for the backward's chain rule."""
     # l = H @ W.T, accumulated over the hidden dimension in fp32
     l = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    # 64-bit row offsets: N·H and V·H pass 2^31 for real heads and batches (e.g. 16k tokens × 256k vocab)
+    rows_h = offs_n.to(tl.int64)[:, None] * stride_hn
+    rows_w = offs_v.to(tl.int64)[:, None] * stride_wv
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         h = tl.load(
-            H_ptr + offs_n[:, None] * stride_hn + offs_d[None, :] * stride_hd,
+            H_ptr + rows_h + offs_d[None, :] * stride_hd,
             mask=mask_n[:, None] & mask_d[None, :], other=0.0,
         )
         w = tl.load(
-            W_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+            W_ptr + rows_w + offs_d[None, :] * stride_wd,
             mask=mask_v[:, None] & mask_d[None, :], other=0.0,
         )
         if UPCAST_DOT:

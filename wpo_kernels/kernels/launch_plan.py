@@ -1,0 +1,325 @@
+"""The one launch plan: for a call's shapes and options, every tile config, grid, vocabulary split,
+chunking and workspace buffer of the forward and the backward pass.
+
+The launchers (``forward.py``, ``backward.py``) allocate exactly the plan's buffers and launch exactly its
+kernels and GEMMs; the static report and the cost model (``benchmarks/``) read the same plan. No number
+here is copied anywhere else: the shipped autotune configs live beside their kernels and are read from
+there (:func:`shipped_configs`).
+
+Forward (``forward_plan``): the stats kernel runs on a 2-D grid ``(cdiv(N, BLOCK_N), vocab_splits)``;
+each program folds ``split_len`` vocabulary columns into five partial statistics. With one split they are
+the final statistics; with several they go to an fp32 workspace ``partial_stats [k, splits, N]`` and a
+merge kernel combines them in split order (deterministic). ``vocab_splits`` is chosen so that there are at
+least ``2 * sm_count`` programs for *every* shipped config (it is computed with the largest ``BLOCK_N``),
+so the autotuner's choice never changes the workspace.
+
+Backward (``backward_plan``): atomics-free. The tokens are cut into slabs of ``slab_rows`` rows, the
+vocabulary into chunks of ``chunk_cols`` columns. For each (slab, chunk) the dZ kernel recomputes the
+logits and writes ``dZ = g·(onehot − softmax(z))·dz/dl`` into ``grad_logits [slab_rows, chunk_cols]`` in
+the parameter dtype; then cuBLAS does ``dH_slab += dZ @ W_chunk`` and ``dW_chunk += dZᵀ @ H_slab``
+(and ``db_chunk += Σ_rows dZ``). Half-precision ``dH`` is summed over chunks in an fp32 slab buffer
+(each chunk's product is rounded once to the parameter dtype); ``dW`` is accumulated straight into the
+returned gradient (rounded once per slab) unless ``fp32_grad_accumulation`` asks for an fp32 ``[V, H]``
+buffer. Chunk sizes keep the workspace within ``workspace_budget`` (64 MiB by default).
+
+``workspace_bytes`` = what the op allocates beyond its inputs, its saved / returned ``O(N)`` statistics
+and the gradients it returns in the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+#: Default cap on the backward's workspace (bytes), excluding the optional fp32 ``[V, H]`` dW buffer.
+WORKSPACE_BUDGET = 64 * 2**20
+#: Largest token slab of the backward (rows): a bigger one only grows the fp32 dH slab.
+MAX_SLAB_ROWS = 2048
+#: Largest vocabulary chunk of the backward (columns).
+MAX_CHUNK_COLS = 16384
+#: Tokens per program of the merge kernel (a 1-D elementwise pass over ``[k, splits, N]``).
+MERGE_BLOCK = 256
+#: "SMs" assumed off-GPU (the interpreter runs programs one at a time); small, so that the default test
+#: shapes already exercise the vocabulary split.
+CPU_SM_COUNT = 2
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One kernel tile: ``BLOCK_N`` tokens × ``BLOCK_V`` vocabulary columns, ``BLOCK_D`` hidden units per
+    ``tl.dot`` step, and Triton's ``num_warps`` / ``num_stages``."""
+
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def kwargs(self) -> dict[str, int]:
+        """The constexpr block sizes as kernel keyword arguments."""
+        return {"BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_D": self.block_d}
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A workspace tensor the launcher allocates: ``name``, ``shape``, ``dtype``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def empty(self, device: torch.device | str) -> torch.Tensor:
+        """Allocate it (uninitialised) on ``device``."""
+        return torch.empty(self.shape, dtype=self.dtype, device=device)
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """``count`` launches of the Triton kernel ``kernel_name`` on ``grid``.
+
+    ``configs`` are the candidates the autotuner picks from on a GPU (one, the fixed config, in the
+    interpreter); ``config`` is the one the grid was computed with (``configs[0]`` unless the caller
+    named one). ``switches`` are the constexpr switches of the launch (``HAS_BIAS``, ...).
+    """
+
+    kernel_name: str
+    grid: tuple[int, ...]
+    config: TileConfig
+    configs: tuple[TileConfig, ...]
+    switches: dict[str, object] = field(default_factory=dict)
+    count: int = 1
+
+    @property
+    def programs(self) -> int:
+        """Programs per launch."""
+        return math.prod(self.grid)
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """``count`` cuBLAS GEMMs ``[m, k] @ [k, n]`` on operands of ``dtype`` (the backward's dH/dW)."""
+
+    name: str
+    m: int
+    n: int
+    k: int
+    count: int
+    dtype: torch.dtype
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.n * self.k * self.count
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """Everything one pass (``"forward"`` / ``"backward"``) launches and allocates for one call.
+
+    Forward: ``vocab_splits`` / ``split_len``; backward: ``slab_rows`` / ``chunk_cols`` (0 where not
+    applicable). ``launches[0]`` is the main kernel; ``programs`` is its programs per launch.
+    """
+
+    pass_name: str
+    n: int
+    v: int
+    h: int
+    dtype: torch.dtype
+    sm_count: int
+    launches: tuple[KernelLaunch, ...]
+    gemms: tuple[Gemm, ...]
+    buffers: tuple[Buffer, ...]
+    vocab_splits: int = 1
+    split_len: int = 0
+    slab_rows: int = 0
+    chunk_cols: int = 0
+
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    @property
+    def programs(self) -> int:
+        return self.launches[0].programs if self.launches else 0
+
+    def buffer(self, name: str) -> Buffer | None:
+        """The buffer called ``name``, None if this plan has none."""
+        return next((b for b in self.buffers if b.name == name), None)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def n_bucket(n: int) -> int:
+    """The autotune key's token bucket: the next power of two of ``n``, within [64, 16384]."""
+    return min(max(64, 1 << max(n - 1, 0).bit_length()), 16384)
+
+
+def device_sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; :data:`CPU_SM_COUNT` elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_SM_COUNT
+
+
+def shipped_configs(kernel_name: str, interpreter: bool) -> tuple[TileConfig, ...]:
+    """The autotune candidates of ``kernel_name`` (``"vocab_stats"`` or ``"grad_logits"``) as shipped
+    beside the kernel, or its single interpreter config."""
+    # imported here: the kernel modules import this one for the plan
+    from wpo_kernels.kernels import backward, forward
+
+    module = {"vocab_stats": forward, "grad_logits": backward}[kernel_name]
+    return (module.INTERPRETER_CONFIG,) if interpreter else module.GPU_CONFIGS
+
+
+def _candidates(kernel_name: str, interpreter: bool, config: TileConfig | None) -> tuple[TileConfig, ...]:
+    return (config,) if config is not None else shipped_configs(kernel_name, interpreter)
+
+
+def forward_plan(
+    n: int,
+    v: int,
+    h: int,
+    dtype: torch.dtype,
+    *,
+    has_bias: bool,
+    has_softcap: bool,
+    need_mean: bool,
+    sm_count: int,
+    interpreter: bool = False,
+    config: TileConfig | None = None,
+    vocab_splits: int | None = None,
+) -> PassPlan:
+    """The forward pass of ``N`` tokens against a ``[V, H]`` head (or vocabulary slice) of ``dtype``.
+
+    ``config`` pins one tile config (default: the shipped candidates; the grid is reported for the
+    first); ``vocab_splits`` overrides the split count (tests use it to force many splits). Launches:
+    ``vocab_stats`` on ``(cdiv(N, BLOCK_N), splits)``, then ``merge_vocab_stats`` on
+    ``(cdiv(N, MERGE_BLOCK),)`` when ``splits > 1``. Buffers: ``partial_stats [k, splits, N]`` fp32
+    (``k`` = 5 with the mean logit, else 4) when ``splits > 1``; none otherwise.
+    """
+    configs = _candidates("vocab_stats", interpreter, config)
+    # split granularity: a multiple of every candidate's BLOCK_V, so no split starts mid-tile
+    granule = math.lcm(*(c.block_v for c in configs))
+    if vocab_splits is None:
+        # the fewest splits that give even the largest BLOCK_N 2 programs per SM (after rounding each
+        # split to the granule), at most one split per granule
+        rows = cdiv(max(n, 1), max(c.block_n for c in configs))
+        most = cdiv(v, granule)
+        splits = next(
+            (s for s in range(min(cdiv(2 * sm_count, rows), most), most + 1)
+             if rows * cdiv(v, _round_up(cdiv(v, s), granule)) >= 2 * sm_count),
+            most,
+        )
+    else:
+        splits = max(1, vocab_splits)
+    split_len = _round_up(cdiv(v, splits), granule)
+    splits = cdiv(v, split_len)
+    switches = {"HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap, "NEED_MEAN": need_mean}
+    main = KernelLaunch("vocab_stats", (cdiv(n, configs[0].block_n), splits), configs[0], configs, switches)
+    launches: tuple[KernelLaunch, ...] = (main,)
+    buffers: tuple[Buffer, ...] = ()
+    if splits > 1:
+        k = 5 if need_mean else 4
+        merge_config = TileConfig(MERGE_BLOCK, 1, 1, num_warps=4, num_stages=1)
+        merge = KernelLaunch(
+            "merge_vocab_stats", (cdiv(n, MERGE_BLOCK),), merge_config, (merge_config,),
+            {"NEED_MEAN": need_mean},
+        )
+        launches = (main, merge)
+        buffers = (Buffer("partial_stats", (k, splits, n), torch.float32),)
+    return PassPlan(
+        "forward", n, v, h, dtype, sm_count, launches, (), buffers, vocab_splits=splits, split_len=split_len
+    )
+
+
+def backward_plan(
+    n: int,
+    v: int,
+    h: int,
+    dtype: torch.dtype,
+    *,
+    has_bias: bool,
+    has_softcap: bool,
+    sm_count: int,
+    interpreter: bool = False,
+    need_grad_hidden: bool = True,
+    need_grad_weight: bool = True,
+    grad_hidden_fp32: bool = False,
+    fp32_grad_accumulation: bool = False,
+    config: TileConfig | None = None,
+    slab_rows: int | None = None,
+    chunk_cols: int | None = None,
+    workspace_budget: int = WORKSPACE_BUDGET,
+) -> PassPlan:
+    """The atomics-free backward of ``N`` tokens against a ``[V, H]`` head (or slice) of ``dtype``.
+
+    ``grad_hidden_fp32``: the caller wants ``dH`` in fp32 (the vocabulary-parallel path sums it across
+    ranks before rounding), so it accumulates in that returned tensor and needs no slab buffer.
+    ``fp32_grad_accumulation``: ``dW`` (and ``db``) accumulate over slabs in fp32 and are rounded once
+    (an extra fp32 ``[V, H]`` buffer, outside ``workspace_budget``). ``slab_rows`` / ``chunk_cols``
+    override the chunking (tests force many slabs and chunks with them).
+
+    Buffers (half-precision parameters; fp32 parameters accumulate in the returned gradients and need
+    only ``grad_logits``):
+    ``grad_logits [slab_rows, chunk_cols]`` (dtype); ``grad_hidden_slab [slab_rows, H]`` fp32 and
+    ``grad_hidden_chunk [slab_rows, H]`` (dtype) for dH; ``grad_bias_chunk [chunk_cols]`` fp32 and
+    ``grad_bias_fp32 [V]`` fp32 with a bias; ``grad_weight_fp32 [V, H]`` fp32 with
+    ``fp32_grad_accumulation``.
+    """
+    configs = _candidates("grad_logits", interpreter, config)
+    half = dtype != torch.float32
+    granule_n = math.lcm(*(c.block_n for c in configs))
+    granule_v = math.lcm(*(c.block_v for c in configs))
+    nc = slab_rows or min(_round_up(max(n, 1), granule_n), MAX_SLAB_ROWS)
+    per_slab = []  # buffers whose size does not depend on chunk_cols
+    if need_grad_hidden and half:
+        if not grad_hidden_fp32:
+            per_slab.append(Buffer("grad_hidden_slab", (nc, h), torch.float32))
+        per_slab.append(Buffer("grad_hidden_chunk", (nc, h), dtype))
+    if has_bias and half:
+        per_slab.append(Buffer("grad_bias_fp32", (v,), torch.float32))
+    if chunk_cols is None:
+        fixed = sum(b.nbytes for b in per_slab)
+        per_col = nc * dtype.itemsize + (4 if has_bias else 0)
+        fit = (workspace_budget - fixed) // per_col // granule_v * granule_v
+        chunk_cols = max(granule_v, min(fit, MAX_CHUNK_COLS, _round_up(v, granule_v)))
+    vc = chunk_cols
+    buffers = [Buffer("grad_logits", (nc, vc), dtype), *per_slab]
+    if has_bias:
+        buffers.append(Buffer("grad_bias_chunk", (vc,), torch.float32))
+    if fp32_grad_accumulation and half and need_grad_weight:
+        buffers.append(Buffer("grad_weight_fp32", (v, h), torch.float32))
+
+    blocks = Counter(
+        (min(nc, n - n0), min(vc, v - v0)) for n0 in range(0, n, nc) for v0 in range(0, v, vc)
+    )
+    switches = {"HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap}
+    cfg = configs[0]
+    launches = tuple(
+        KernelLaunch(
+            "grad_logits", (cdiv(rows, cfg.block_n), cdiv(cols, cfg.block_v)), cfg, configs, switches, count
+        )
+        for (rows, cols), count in blocks.items()
+    )
+    gemms: list[Gemm] = []
+    for (rows, cols), count in blocks.items():
+        if need_grad_hidden:
+            gemms.append(Gemm("grad_hidden", rows, h, cols, count, dtype))
+        if need_grad_weight:
+            gemms.append(Gemm("grad_weight", cols, h, rows, count, dtype))
+    return PassPlan(
+        "backward", n, v, h, dtype, sm_count, launches, tuple(gemms), tuple(buffers),
+        slab_rows=nc, chunk_cols=vc,
+    )
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return cdiv(x, multiple) * multiple
