@@ -1,7 +1,7 @@
 """Forward kernels: one pass of the LM-head GEMM, folding each logits tile into streaming vocabulary
 statistics (max, Σe^z, Σe^2z, Σe^z·z, target logit) without writing it out.
 
-The grid is 2-D, ``(row blocks, vocabulary splits)`` (see ``launch_plan.forward_plan``), so that small
+The programs cover ``row blocks × vocabulary splits`` (see ``launch_plan.forward_plan``), so that small
 batches still fill the GPU. With one split a program writes the final statistics; with several each
 writes its partial ones to an fp32 workspace and :func:`_merge_vocab_stats_kernel` combines them in split
 order, so the result does not depend on scheduling.
@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from wpo_kernels.kernels.launch_plan import (
+    GROUP_ROWS,
     MERGE_BLOCK,
     PassPlan,
     TileConfig,
@@ -52,16 +53,22 @@ def _finish_stats(
 @triton.jit
 def _vocab_stats_kernel(
     H_ptr, W_ptr, B_ptr, T_ptr, OUT_ptr,
-    N, V, D, vocab_start, split_len, stride_out_stat, N_BUCKET,
+    N, V, D, vocab_start, split_len, splits, group_rows, stride_out_stat, N_BUCKET,
     stride_hn, stride_hd, stride_wv, stride_wd,
     pre_scale, softcap, post_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_MEAN: tl.constexpr, PARTIAL: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # N_BUCKET is read only by the autotuner's key
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # N_BUCKET is read only by the autotuner's key.
+    # Grouped program order (launch_plan.KernelLaunch): group_rows row blocks × all splits per group,
+    # rows fastest, so a wave of programs shares few hidden-state blocks and many weight tiles in L2.
+    pid = tl.program_id(0)
+    per_group = group_rows * splits
+    first_row = (pid // per_group) * group_rows
+    rows_here = tl.minimum(tl.cdiv(N, BLOCK_N) - first_row, group_rows)
+    pid_n = first_row + (pid % per_group) % rows_here
+    pid_s = (pid % per_group) // rows_here
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     # target index inside this vocabulary slice (ignored / foreign targets never match a column)
@@ -197,12 +204,12 @@ def triton_vocab_stats(
     launch = plan.launches[0]
     config = launch.config.kwargs() if interpreting else {}
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]), plan.vocab_splits)
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]) * plan.vocab_splits,)
 
     kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, stats_out,
-        n, v, d, vocab_start, plan.split_len, stats_out.stride(0), n_bucket(n),
+        n, v, d, vocab_start, plan.split_len, plan.vocab_splits, GROUP_ROWS, stats_out.stride(0), n_bucket(n),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         **transform_args(transform),
         HAS_BIAS=bias is not None, NEED_MEAN=need_mean_logit, PARTIAL=partial is not None,

@@ -40,6 +40,10 @@ WORKSPACE_BUDGET = 64 * 2**20
 MAX_SLAB_ROWS = 2048
 #: Largest vocabulary chunk of the backward (columns).
 MAX_CHUNK_COLS = 16384
+#: Row blocks per group of the forward's program order (see :class:`KernelLaunch`): a wave of 132
+#: programs then reads ~8 hidden-state blocks (8 MB for 128 × 4096 bf16) and ~17 weight tiles, which
+#: stay in a 50 MB L2; ungrouped, a wave at N = 16k would hold ~128 MB of hidden states.
+GROUP_ROWS = 8
 #: Tokens per program of the merge kernel (a 1-D elementwise pass over ``[k, splits, N]``).
 MERGE_BLOCK = 256
 #: "SMs" assumed off-GPU (the interpreter runs programs one at a time); small, so that the default test
@@ -87,6 +91,12 @@ class KernelLaunch:
     ``configs`` are the candidates the autotuner picks from on a GPU (one, the fixed config, in the
     interpreter); ``config`` is the one the grid was computed with (``configs[0]`` unless the caller
     named one). ``switches`` are the constexpr switches of the launch (``HAS_BIAS``, ...).
+
+    Program order: with ``group_rows == 0`` the grid is 2-D and axis 0 varies fastest. The forward's 1-D
+    grid is grouped (``group_rows = G``, the Triton matmul tutorial's ``GROUP_SIZE_M``): program ``p``
+    of ``rows × splits`` takes, within its group of ``G`` row blocks (``g`` in the last, short group),
+    row block ``first + (p mod G·splits) mod g`` and split ``(p mod G·splits) div g``; a wave of programs
+    thus covers about ``G`` row blocks' hidden states and ``wave / G`` splits' weight tiles.
     """
 
     kernel_name: str
@@ -95,6 +105,7 @@ class KernelLaunch:
     configs: tuple[TileConfig, ...]
     switches: dict[str, object] = field(default_factory=dict)
     count: int = 1
+    group_rows: int = 0
 
     @property
     def programs(self) -> int:
@@ -209,21 +220,16 @@ def forward_plan(
     # split granularity: a multiple of every candidate's BLOCK_V, so no split starts mid-tile
     granule = math.lcm(*(c.block_v for c in configs))
     if vocab_splits is None:
-        # the fewest splits that give even the largest BLOCK_N 2 programs per SM (after rounding each
-        # split to the granule), at most one split per granule
-        rows = cdiv(max(n, 1), max(c.block_n for c in configs))
-        most = cdiv(v, granule)
-        splits = next(
-            (s for s in range(min(cdiv(2 * sm_count, rows), most), most + 1)
-             if rows * cdiv(v, _round_up(cdiv(v, s), granule)) >= 2 * sm_count),
-            most,
-        )
+        splits = _choose_vocab_splits(n, v, configs, granule, sm_count)
     else:
         splits = max(1, vocab_splits)
     split_len = _round_up(cdiv(v, splits), granule)
     splits = cdiv(v, split_len)
     switches = {"HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap, "NEED_MEAN": need_mean}
-    main = KernelLaunch("vocab_stats", (cdiv(n, configs[0].block_n), splits), configs[0], configs, switches)
+    rows = cdiv(n, configs[0].block_n)
+    main = KernelLaunch(
+        "vocab_stats", (rows * splits,), configs[0], configs, switches, group_rows=min(GROUP_ROWS, rows)
+    )
     launches: tuple[KernelLaunch, ...] = (main,)
     buffers: tuple[Buffer, ...] = ()
     if splits > 1:
@@ -319,6 +325,40 @@ def backward_plan(
         "backward", n, v, h, dtype, sm_count, launches, tuple(gemms), tuple(buffers),
         slab_rows=nc, chunk_cols=vc,
     )
+
+
+def _choose_vocab_splits(
+    n: int, v: int, configs: tuple[TileConfig, ...], granule: int, sm_count: int
+) -> int:
+    """The vocabulary split count of the forward.
+
+    At least: ``2 * sm_count`` programs for every candidate config (the largest ``BLOCK_N`` decides),
+    and ``cdiv(sm_count, GROUP_ROWS)`` splits when there are more row blocks than a group, so that a
+    wave of grouped programs spans few row blocks. Among up to twice that minimum, the count whose
+    worst candidate loses least to wave quantisation (``ceil(programs / sm_count)`` waves of
+    ``ceil(split_len / BLOCK_V)`` tiles, relative to the ideal ``rows·V / (sm_count·BLOCK_V)``).
+    """
+    most = cdiv(v, granule)
+    rows_min = cdiv(max(n, 1), max(c.block_n for c in configs))
+    least = cdiv(2 * sm_count, rows_min)
+    if rows_min > GROUP_ROWS:
+        least = max(least, cdiv(sm_count, GROUP_ROWS))
+    least = min(least, most)
+
+    def actual(splits: int) -> int:
+        return cdiv(v, _round_up(cdiv(v, splits), granule))
+
+    def loss(splits: int) -> float:
+        s, split_len = actual(splits), _round_up(cdiv(v, splits), granule)
+        worst = 0.0
+        for c in configs:
+            rows = cdiv(max(n, 1), c.block_n)
+            steps = cdiv(rows * s, sm_count) * cdiv(split_len, c.block_v)
+            worst = max(worst, steps * sm_count * c.block_v / (rows * v))
+        return worst
+
+    enough = [s for s in range(least, min(2 * least, most) + 1) if rows_min * actual(s) >= 2 * sm_count]
+    return min(enough, key=lambda s: (loss(s), s)) if enough else most
 
 
 def _round_up(x: int, multiple: int) -> int:
