@@ -169,7 +169,7 @@ def triton_linear_logprobs_backward(
     db_acc = buffers.get("grad_bias_fp32", db)
     if db_acc is not None:
         db_acc.zero_()
-    if n == 0 and dw_acc is not None:
+    if dw_acc is not None and (n == 0 or dw_acc is not dw):
         dw_acc.zero_()
     nc, vc = plan.slab_rows, plan.chunk_cols
     for n0 in range(0, n, nc):
@@ -198,7 +198,12 @@ def triton_linear_logprobs_backward(
                     torch.mm(dz, w_chunk, out=chunk_product)
                     dh_acc.add_(chunk_product)
             if dw_acc is not None:
-                if n0 == 0:
+                if dw_acc.dtype != dz.dtype:
+                    # exact accumulation: the slab's product rounds once, the sum over slabs is fp32
+                    chunk_product = buffers["grad_weight_chunk"][:cols]
+                    torch.mm(dz.T, h_slab, out=chunk_product)
+                    dw_acc[v0 : v0 + cols].add_(chunk_product)
+                elif n0 == 0:
                     torch.mm(dz.T, h_slab, out=dw_acc[v0 : v0 + cols])
                 else:
                     dw_acc[v0 : v0 + cols].addmm_(dz.T, h_slab)

@@ -20,7 +20,8 @@ the parameter dtype; then cuBLAS does ``dH_slab += dZ @ W_chunk`` and ``dW_chunk
 (and ``db_chunk += Σ_rows dZ``). Half-precision ``dH`` is summed over chunks in an fp32 slab buffer
 (each chunk's product is rounded once to the parameter dtype); ``dW`` is accumulated straight into the
 returned gradient (rounded once per slab) unless ``fp32_grad_accumulation`` asks for an fp32 ``[V, H]``
-buffer. Chunk sizes keep the workspace within ``workspace_budget`` (64 MiB by default).
+buffer (then each slab's product is rounded once and summed in fp32). Chunk sizes keep the workspace
+within ``workspace_budget`` (64 MiB by default).
 
 ``workspace_bytes`` = what the op allocates beyond its inputs, its saved / returned ``O(N)`` statistics
 and the gradients it returns in the parameters' dtype.
@@ -277,8 +278,8 @@ def backward_plan(
     only ``grad_logits``):
     ``grad_logits [slab_rows, chunk_cols]`` (dtype); ``grad_hidden_slab [slab_rows, H]`` fp32 and
     ``grad_hidden_chunk [slab_rows, H]`` (dtype) for dH; ``grad_bias_chunk [chunk_cols]`` fp32 and
-    ``grad_bias_fp32 [V]`` fp32 with a bias; ``grad_weight_fp32 [V, H]`` fp32 with
-    ``fp32_grad_accumulation``.
+    ``grad_bias_fp32 [V]`` fp32 with a bias; ``grad_weight_chunk [chunk_cols, H]`` (dtype, within the
+    budget) and ``grad_weight_fp32 [V, H]`` fp32 (outside it) with ``fp32_grad_accumulation``.
     """
     configs = _candidates("grad_logits", interpreter, config)
     half = dtype != torch.float32
@@ -294,7 +295,8 @@ def backward_plan(
         per_slab.append(Buffer("grad_bias_fp32", (v,), torch.float32))
     if chunk_cols is None:
         fixed = sum(b.nbytes for b in per_slab)
-        per_col = nc * dtype.itemsize + (4 if has_bias else 0)
+        exact_dw = fp32_grad_accumulation and half and need_grad_weight
+        per_col = nc * dtype.itemsize + (4 if has_bias else 0) + (h * dtype.itemsize if exact_dw else 0)
         fit = (workspace_budget - fixed) // per_col // granule_v * granule_v
         chunk_cols = max(granule_v, min(fit, MAX_CHUNK_COLS, _round_up(v, granule_v)))
     vc = chunk_cols
@@ -302,6 +304,7 @@ def backward_plan(
     if has_bias:
         buffers.append(Buffer("grad_bias_chunk", (vc,), torch.float32))
     if fp32_grad_accumulation and half and need_grad_weight:
+        buffers.append(Buffer("grad_weight_chunk", (vc, h), dtype))
         buffers.append(Buffer("grad_weight_fp32", (v, h), torch.float32))
 
     blocks = Counter(
