@@ -209,3 +209,26 @@ def test_real_allocations_equal_the_plan(dtype: torch.dtype, bias: bool, exact: 
     if exact and half:
         expected |= {"grad_weight_chunk", "grad_weight_fp32"}
     assert {buf.name for buf in bplan.buffers} == expected
+
+
+def test_autotuner_and_plan_drop_configs_that_cannot_launch() -> None:
+    """fp32 (tf32) operands double the pipeline's shared memory: configs over sm_90's 227 KiB leave
+    both the plan's candidates and the autotuner's list; every half-precision config stays."""
+    from wpo_kernels.kernels.launch_plan import MAX_SHARED_BYTES, prune_to_launchable
+
+    for kernel_name, tuned in (
+        ("vocab_stats", forward._vocab_stats_kernel_tuned),
+        ("grad_logits", backward._grad_logits_kernel_tuned),
+    ):
+        shipped = forward.GPU_CONFIGS if kernel_name == "vocab_stats" else backward.GPU_CONFIGS
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            kept = prune_to_launchable(tuned.configs, {"H_ptr": torch.empty(0, dtype=dtype)})
+            fits = [c for c in shipped if c.shared_bytes(dtype) <= MAX_SHARED_BYTES]
+            assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"]) for c in kept] == [
+                (c.block_n, c.block_v) for c in fits
+            ]
+            assert len(fits) == (len(shipped) - 1 if dtype == torch.float32 else len(shipped))
+            plan = forward_plan(4096, 128256, 4096, dtype, has_bias=False, has_softcap=False,
+                                need_mean=False, sm_count=132)
+            if kernel_name == "vocab_stats":
+                assert plan.launches[0].configs == tuple(fits)

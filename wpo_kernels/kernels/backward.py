@@ -14,7 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from wpo_kernels.kernels.launch_plan import PassPlan, TileConfig, backward_plan, device_sm_count, n_bucket
+from wpo_kernels.kernels.launch_plan import (
+    PassPlan,
+    TileConfig,
+    backward_plan,
+    device_sm_count,
+    n_bucket,
+    prune_to_launchable,
+)
 from wpo_kernels.kernels.logits_tile import dot_switches, interpreter_active, logits_tile, transform_args
 from wpo_kernels.types import LogitTransform
 
@@ -70,6 +77,7 @@ def _grad_logits_kernel(
 _grad_logits_kernel_tuned = triton.autotune(
     configs=[triton.Config(c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages) for c in GPU_CONFIGS],
     key=["N_BUCKET", "V", "D", "HAS_BIAS", "HAS_SOFTCAP"],
+    prune_configs_by={"early_config_prune": prune_to_launchable},
 )(_grad_logits_kernel)
 
 

@@ -21,6 +21,7 @@ from wpo_kernels.kernels.launch_plan import (
     device_sm_count,
     forward_plan,
     n_bucket,
+    prune_to_launchable,
 )
 from wpo_kernels.kernels.logits_tile import dot_switches, interpreter_active, logits_tile, transform_args
 from wpo_kernels.types import LogitTransform, VocabStats
@@ -161,6 +162,7 @@ def _merge_vocab_stats_kernel(
 _vocab_stats_kernel_tuned = triton.autotune(
     configs=[triton.Config(c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages) for c in GPU_CONFIGS],
     key=["N_BUCKET", "V", "D", "HAS_BIAS", "HAS_SOFTCAP", "NEED_MEAN", "PARTIAL"],
+    prune_configs_by={"early_config_prune": prune_to_launchable},
 )(_vocab_stats_kernel)
 
 

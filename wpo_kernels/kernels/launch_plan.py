@@ -47,6 +47,8 @@ MAX_CHUNK_COLS = 16384
 GROUP_ROWS = 8
 #: Tokens per program of the merge kernel (a 1-D elementwise pass over ``[k, splits, N]``).
 MERGE_BLOCK = 256
+#: Shared memory one block may use on sm_90 (227 KiB).
+MAX_SHARED_BYTES = 232_448
 #: "SMs" assumed off-GPU (the interpreter runs programs one at a time); small, so that the default test
 #: shapes already exercise the vocabulary split.
 CPU_SM_COUNT = 2
@@ -66,6 +68,29 @@ class TileConfig:
     def kwargs(self) -> dict[str, int]:
         """The constexpr block sizes as kernel keyword arguments."""
         return {"BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_D": self.block_d}
+
+    def shared_bytes(self, dtype: torch.dtype) -> int:
+        """Shared memory of the H/W tile pipeline: ``num_stages`` × (``BLOCK_N`` + ``BLOCK_V``) ×
+        ``BLOCK_D`` operands of ``dtype`` (what ptxas reports for these kernels on sm_90)."""
+        return self.num_stages * (self.block_n + self.block_v) * self.block_d * dtype.itemsize
+
+
+def launchable(configs: tuple[TileConfig, ...], dtype: torch.dtype) -> tuple[TileConfig, ...]:
+    """The configs whose pipeline fits :data:`MAX_SHARED_BYTES` for operands of ``dtype`` (fp32 with
+    tf32 doubles the bf16 figure: the 4-stage 64×256 config does not fit)."""
+    return tuple(c for c in configs if c.shared_bytes(dtype) <= MAX_SHARED_BYTES)
+
+
+def prune_to_launchable(configs: list, named_args: dict, **kwargs: object) -> list:
+    """``triton.autotune`` early-config-prune hook: drop the ``triton.Config`` s that
+    :func:`launchable` drops for the dtype of the kernel's ``H_ptr``."""
+    dtype = named_args["H_ptr"].dtype
+    return [
+        c for c in configs
+        if TileConfig(
+            c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages
+        ).shared_bytes(dtype) <= MAX_SHARED_BYTES
+    ]
 
 
 @dataclass(frozen=True)
@@ -191,8 +216,13 @@ def shipped_configs(kernel_name: str, interpreter: bool) -> tuple[TileConfig, ..
     return (module.INTERPRETER_CONFIG,) if interpreter else module.GPU_CONFIGS
 
 
-def _candidates(kernel_name: str, interpreter: bool, config: TileConfig | None) -> tuple[TileConfig, ...]:
-    return (config,) if config is not None else shipped_configs(kernel_name, interpreter)
+def _candidates(
+    kernel_name: str, interpreter: bool, config: TileConfig | None, dtype: torch.dtype
+) -> tuple[TileConfig, ...]:
+    if config is not None:
+        return (config,)
+    configs = shipped_configs(kernel_name, interpreter)
+    return configs if interpreter else launchable(configs, dtype)
 
 
 def forward_plan(
@@ -217,7 +247,7 @@ def forward_plan(
     ``(cdiv(N, MERGE_BLOCK),)`` when ``splits > 1``. Buffers: ``partial_stats [k, splits, N]`` fp32
     (``k`` = 5 with the mean logit, else 4) when ``splits > 1``; none otherwise.
     """
-    configs = _candidates("vocab_stats", interpreter, config)
+    configs = _candidates("vocab_stats", interpreter, config, dtype)
     # split granularity: a multiple of every candidate's BLOCK_V, so no split starts mid-tile
     granule = math.lcm(*(c.block_v for c in configs))
     if vocab_splits is None:
@@ -281,7 +311,7 @@ def backward_plan(
     ``grad_bias_fp32 [V]`` fp32 with a bias; ``grad_weight_chunk [chunk_cols, H]`` (dtype, within the
     budget) and ``grad_weight_fp32 [V, H]`` fp32 (outside it) with ``fp32_grad_accumulation``.
     """
-    configs = _candidates("grad_logits", interpreter, config)
+    configs = _candidates("grad_logits", interpreter, config, dtype)
     half = dtype != torch.float32
     granule_n = math.lcm(*(c.block_n for c in configs))
     granule_v = math.lcm(*(c.block_v for c in configs))
