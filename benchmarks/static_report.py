@@ -1,0 +1,254 @@
+"""Static H100 report: what every shipped kernel variant compiles to for sm_90a, and what the launch plan
+launches at real LM-head shapes, with the cost model's predicted time. No GPU needed.
+
+``python -m benchmarks.static_report --json out.json`` (writes ``out.md`` beside it) with
+``TRITON_INTERPRET`` unset. JSON::
+
+    {"kernels": [{"name", "dtype", "config", "switches", "registers", "spill_bytes", "shared_bytes",
+                  "wgmma", "atomics"}],
+     "plan": [{"head", "n", "pass", "programs", "sm_count", "workspace_bytes", "predicted_ratio"}]}
+
+Kernels: the real launchers run on ``meta`` tensors at every plan point (``benchmarks/launch_compile.py``
+records their launches); each distinct launch specialisation is compiled once per shipped autotune
+config, for bf16, fp16 and fp32 (fp32 reaches a Triton kernel only with tf32 allowed, see
+``wpo_kernels.autograd.resolve_backend``). Constexpr switches: all off and all on (``--all-switches``:
+every combination). ``registers``/``spill_bytes`` (stores + loads) are per thread from ptxas ``-v``;
+``wgmma``: every ``tl.dot`` became a Hopper warp-group MMA; ``atomics``: the PTX ``atom.*`` / ``red.*``
+forms. Plan: the Llama-3-8B and Gemma-2-9B heads at N = 1024, 4096, 16384, bf16, all five statistics,
+no bias, ``sm_count`` 132; ``workspace_bytes`` from the plan, ``predicted_ratio`` from
+``benchmarks/cost_model.py`` (a prediction from static facts, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import triton
+
+from benchmarks.cost_model import H100, Occupancy, predict
+from benchmarks.launch_compile import CapturedLaunch, capture, compile_facts, launch_key, launch_source
+from wpo_kernels.autograd import resolve_backend
+from wpo_kernels.kernels.backward import triton_linear_logprobs_backward
+from wpo_kernels.kernels.forward import triton_vocab_stats
+from wpo_kernels.kernels.launch_plan import PassPlan, TileConfig, backward_plan, forward_plan
+from wpo_kernels.types import LogitTransform
+
+
+@dataclass(frozen=True)
+class Head:
+    """An LM head: hidden size, vocabulary, final-logit softcap."""
+
+    hidden: int
+    vocab: int
+    softcap: float | None
+
+
+HEADS = {"Llama-3-8B": Head(4096, 128256, None), "Gemma-2-9B": Head(3584, 256000, 30.0)}
+TOKENS = (1024, 4096, 16384)
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+#: Launcher options that are constexpr switches of the kernels (HAS_BIAS, HAS_SOFTCAP, NEED_MEAN).
+SWITCH_OPTIONS = ("bias", "softcap", "need_mean")
+
+
+def triton_dtypes() -> list[torch.dtype]:
+    """Input dtypes that reach a Triton kernel on a CUDA device (with tf32 allowed for fp32), asked of
+    the dispatch itself."""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return [
+            dtype for dtype in DTYPE_NAMES
+            if resolve_backend("triton", SimpleNamespace(dtype=dtype, is_cuda=True)) == "triton"
+        ]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+def plans(head: Head, n: int, dtype: torch.dtype = torch.bfloat16, *, bias: bool = False,
+          softcap: bool | None = None, need_mean: bool = True) -> tuple[PassPlan, PassPlan]:
+    """(forward, backward) plans of one call on ``head`` for an H100 (``H100.sm_count`` SMs)."""
+    has_softcap = head.softcap is not None if softcap is None else softcap
+    common = {"has_bias": bias, "has_softcap": has_softcap, "sm_count": H100.sm_count}
+    return (
+        forward_plan(n, head.vocab, head.hidden, dtype, need_mean=need_mean, **common),
+        backward_plan(n, head.vocab, head.hidden, dtype, **common),
+    )
+
+
+def captured_call(head: Head, n: int, dtype: torch.dtype, bias: bool, softcap: bool, need_mean: bool,
+                  backward: bool = True) -> list[CapturedLaunch]:
+    """The Triton launches of one forward (+ backward) call, recorded on meta tensors with H100 plans."""
+    meta = {"device": "meta"}
+    hidden = torch.empty(n, head.hidden, dtype=dtype, **meta)
+    weight = torch.empty(head.vocab, head.hidden, dtype=dtype, **meta)
+    bias_t = torch.empty(head.vocab, dtype=dtype, **meta) if bias else None
+    targets = torch.empty(n, dtype=torch.int64, **meta)
+    per_token = torch.empty(n, dtype=torch.float32, **meta)
+    transform = LogitTransform(softcap=(head.softcap or 30.0) if softcap else None)
+    fwd, bwd = plans(head, n, dtype, bias=bias, softcap=softcap, need_mean=need_mean)
+
+    def call() -> None:
+        triton_vocab_stats(hidden, weight, bias_t, targets, transform, need_mean_logit=need_mean, plan=fwd)
+        if backward:
+            triton_linear_logprobs_backward(
+                hidden, weight, bias_t, targets, per_token, per_token, transform, plan=bwd
+            )
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 reaches the kernels only with tf32
+    try:
+        return capture(call)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@dataclass
+class CompileJob:
+    """One kernel variant to compile: its report fields and the launch that produces it."""
+
+    name: str
+    dtype: str
+    config: dict[str, Any]
+    switches: dict[str, Any]
+    launch: CapturedLaunch
+    launch_kwargs: dict[str, Any]
+
+
+def compile_jobs(all_switches: bool = False) -> list[CompileJob]:
+    """Every distinct (launch specialisation × autotune config) the plan points launch, per dtype."""
+    combos = (
+        list(itertools.product((False, True), repeat=len(SWITCH_OPTIONS)))
+        if all_switches else [(False,) * len(SWITCH_OPTIONS), (True,) * len(SWITCH_OPTIONS)]
+    )
+    # one large N too, forward only: there it needs no vocabulary split (its PARTIAL switch is off)
+    tokens = (*TOKENS, 2 * H100.sm_count * 256)
+    jobs: dict[tuple, CompileJob] = {}
+    for dtype, switches, head, n in itertools.product(triton_dtypes(), combos, HEADS.values(), tokens):
+        for launch in captured_call(head, n, dtype, *switches, backward=n in TOKENS):
+            for config in launch.configs or [None]:
+                kwargs = {**launch.kwargs, **(config.all_kwargs() if config else {})}
+                key = (DTYPE_NAMES[dtype], *launch_key(launch.kernel, launch.args, kwargs))
+                if key not in jobs:
+                    jobs[key] = _job(launch, kwargs, config, DTYPE_NAMES[dtype])
+    return list(jobs.values())
+
+
+def _job(
+    launch: CapturedLaunch, kwargs: dict[str, Any], config: triton.Config | None, dtype: str
+) -> CompileJob:
+    constexpr = {p.name for p in launch.kernel.params if p.is_constexpr}
+    tile = dict(config.all_kwargs()) if config else {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
+    switches = {k: v for k, v in kwargs.items() if k in constexpr and k not in tile}
+    return CompileJob(launch.kernel.__name__, dtype, tile, switches, launch, kwargs)
+
+
+_JOBS: list[CompileJob] = []  # read by forked workers
+
+
+def _compile(index: int) -> dict[str, Any]:
+    job = _JOBS[index]
+    source, options = launch_source(job.launch.kernel, job.launch.args, job.launch_kwargs)
+    facts = compile_facts(source, options)
+    fields = {"name": job.name, "dtype": job.dtype, "config": job.config, "switches": job.switches}
+    return {**fields, **asdict(facts)}
+
+
+def kernel_entries(jobs: list[CompileJob], workers: int) -> list[dict[str, Any]]:
+    """Compile every job (``workers`` processes) and return the report's kernel entries."""
+    _JOBS[:] = jobs
+    if workers <= 1:
+        return [_compile(i) for i in range(len(jobs))]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_compile, range(len(jobs))))
+
+
+def occupancy(entries: list[dict[str, Any]]) -> Occupancy:
+    """Registers and shared memory per (plan kernel name, tile config), the worst over switches, of the
+    bf16 entries (the plan points' dtype). Kernel ``_x_kernel`` is the plan's ``x``."""
+    facts: dict[tuple[str, TileConfig], tuple[int, int]] = {}
+    for e in entries:
+        c = e["config"]
+        if e["dtype"] != "bf16" or "BLOCK_V" not in c:
+            continue
+        key = (e["name"].strip("_").removesuffix("_kernel"),
+               TileConfig(c["BLOCK_N"], c["BLOCK_V"], c["BLOCK_D"], c["num_warps"], c["num_stages"]))
+        old = facts.get(key, (0, 0))
+        facts[key] = (max(old[0], e["registers"]), max(old[1], e["shared_bytes"]))
+    return Occupancy(facts)
+
+
+def plan_rows(occ: Occupancy) -> list[dict[str, Any]]:
+    """The plan at every (head, N): programs, workspace, predicted ratio to cuBLAS."""
+    rows = []
+    for (name, head), n in itertools.product(HEADS.items(), TOKENS):
+        for plan in plans(head, n):
+            rows.append({
+                "head": name, "n": n, "pass": plan.pass_name, "programs": plan.programs,
+                "sm_count": plan.sm_count, "workspace_bytes": plan.workspace_bytes,
+                "predicted_ratio": round(predict(plan, occupancy=occ).ratio, 4),
+            })
+    return rows
+
+
+def markdown(report: dict[str, Any], seconds: float) -> str:
+    """The report as two markdown tables."""
+    lines = [
+        f"# Static H100 report (triton {triton.__version__}, sm_90a, no GPU; {seconds:.0f} s)",
+        "",
+        "Compiled with the launch specialisation; registers / spills per thread (ptxas -v). "
+        "Predicted ratios come from the cost model: predictions from static facts, not measurements.",
+        "",
+        "| kernel | dtype | config | switches | regs | spill B | shared B | wgmma | atomics |",
+        "|---|---|---|---|---:|---:|---:|---|---|",
+    ]
+    for k in report["kernels"]:
+        config = " ".join(f"{a}={b}" for a, b in k["config"].items() if a in _SHOWN_CONFIG)
+        switches = " ".join(a for a, b in k["switches"].items() if b is True) or "-"
+        lines.append(
+            f"| {k['name']} | {k['dtype']} | {config} | {switches} | {k['registers']} | {k['spill_bytes']} "
+            f"| {k['shared_bytes']:,} | {k['wgmma']} | {' '.join(k['atomics']) or '-'} |"
+        )
+    lines += ["", "| head | N | pass | programs | SMs | workspace (MiB) | predicted ÷ cuBLAS |",
+              "|---|---:|---|---:|---:|---:|---:|"]
+    for p in report["plan"]:
+        lines.append(
+            f"| {p['head']} | {p['n']} | {p['pass']} | {p['programs']} | {p['sm_count']} "
+            f"| {p['workspace_bytes'] / 2**20:.1f} | {p['predicted_ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+_SHOWN_CONFIG = ("BLOCK_N", "BLOCK_V", "BLOCK_D", "BLOCK", "num_warps", "num_stages")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", required=True, type=Path, help="where to write the JSON (and .md beside)")
+    parser.add_argument("--all-switches", action="store_true", help="every switch combination")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compiling processes")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter skips code generation")
+    start = time.perf_counter()
+    entries = kernel_entries(compile_jobs(args.all_switches), args.workers)
+    report = {"kernels": entries, "plan": plan_rows(occupancy(entries))}
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    args.json.with_suffix(".md").write_text(markdown(report, time.perf_counter() - start))
+    print(f"{len(entries)} kernel variants, {len(report['plan'])} plan rows -> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
