@@ -61,7 +61,8 @@ def captured_launches() -> Iterator[list[CapturedLaunch]]:
 
     def record_autotuned(self: Autotuner, *args: Any, **kwargs: Any) -> None:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        self.nargs = dict(zip(self.arg_names, args))  # what Autotuner.run sets before pruning
+        # what Autotuner.run sets before pruning (keyword arguments are not in it there either)
+        self.nargs = dict(zip(self.arg_names, args, strict=False))
         try:
             configs = list(self.prune_configs(kwargs))
         finally:
