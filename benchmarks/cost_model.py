@@ -2,7 +2,7 @@
 
 Everything the model knows about *our* launches comes from a :class:`~wpo_kernels.kernels.launch_plan.
 PassPlan` (grids, tile configs, vocabulary split, chunking, GEMMs, workspace buffers); everything it knows
-about the *GPU* is in :class:`Hopper`, whose defaults are the assumptions of ``shared/HOPPER_STATIC.md``
+about the *GPU* is in :class:`Hopper`, whose defaults are the assumptions of ``../shared/HOPPER_STATIC.md``
 (a static analysis made without a GPU). Nothing here is a measurement: every output is a prediction that
 the first GPU session checks (``benchmarks/NOTES.md`` lists them).
 
@@ -42,7 +42,7 @@ from wpo_kernels.kernels.launch_plan import Gemm, KernelLaunch, PassPlan, TileCo
 
 @dataclass(frozen=True)
 class Hopper:
-    """H100 SXM figures. Defaults: ``shared/HOPPER_STATIC.md``'s assumptions, except where a comment
+    """H100 SXM figures. Defaults: ``../shared/HOPPER_STATIC.md``'s assumptions, except where a comment
     says otherwise (with the reason)."""
 
     sm_count: int = 132
@@ -90,7 +90,7 @@ class Epilogue:
     mufu: float
 
 
-#: Epilogue costs, from the compiled SASS of the eafe6c5 kernels (``shared/HOPPER_STATIC.md``): the
+#: Epilogue costs, from the compiled SASS of the eafe6c5 kernels (``../shared/HOPPER_STATIC.md``): the
 #: five-statistic forward epilogue without / with the softcap. MUFU counts are ours, read off the source:
 #: one exp per logit, plus a reciprocal and an exp for the softcap's ``2·sigmoid(2x) − 1`` and one for its
 #: divide (they never bind: the instruction issue does).

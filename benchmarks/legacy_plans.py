@@ -1,6 +1,6 @@
 """The kernels of commit eafe6c5 (before issue 10) as launch plans, so the cost model can describe them.
 
-``shared/HOPPER_STATIC.md`` made its predictions for those kernels; the cost model is calibrated by
+``../shared/HOPPER_STATIC.md`` made its predictions for those kernels; the cost model is calibrated by
 reproducing them (``tests/test_cost_model.py``). The forward is today's plan code with one vocabulary split
 (a 1-D grid of ``cdiv(N, BLOCK_N)`` programs, each sweeping the whole vocabulary); the backward was one
 fused kernel on ``(cdiv(N, BLOCK_N), cdiv(V, BLOCK_V))`` that recomputed each logits tile and added its

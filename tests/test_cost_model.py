@@ -1,4 +1,4 @@
-"""The H100 cost model is calibrated, not tuned: with the assumptions of ``shared/HOPPER_STATIC.md`` (its
+"""The H100 cost model is calibrated, not tuned: with the assumptions of ``../shared/HOPPER_STATIC.md`` (its
 defaults) it reproduces that file's predictions for the eafe6c5 kernels within 25%, expressed as plans."""
 
 from __future__ import annotations
