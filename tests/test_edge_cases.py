@@ -1,0 +1,276 @@
+"""No silent wrong answers (issue 11): the seven regressions, then every tensor argument of every public
+function in every layout a user can hand over, and every integer dtype of the targets — exact against
+the fp64 reference, or refused with an error that names the argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from tests.helpers import GRAD_RTOL, VALUE_RTOL, make_preference_batch, rel_err
+from wpo_kernels import (
+    OUTPUT_NAMES,
+    fused_linear_logprobs,
+    fused_linear_wpo_loss,
+    vocab_parallel_linear_logprobs,
+    wpo_loss,
+    wpo_weights,
+)
+from wpo_kernels.reference import reference_linear_logprobs
+
+BACKENDS = ["triton", "torch"]
+
+
+def single_process_vocab_parallel(hidden: Tensor, weight: Tensor, targets: Tensor, **options) -> object:
+    """:func:`vocab_parallel_linear_logprobs` over the whole head (one process, no group)."""
+    bias = options.pop("bias", None)
+    return vocab_parallel_linear_logprobs(
+        hidden, weight, targets, vocab_start=0, vocab_size=weight.shape[0], bias_shard=bias, **options
+    )
+
+
+ENTRY_POINTS = {"fused": fused_linear_logprobs, "vocab_parallel": single_process_vocab_parallel}
+
+
+def check_call(
+    entry, hidden, weight, targets, bias=None, *, backend: str, value_floor: float = 1.0, **options
+) -> None:
+    """Values of every output and gradients w.r.t. every float argument (whatever its layout: the
+    gradient is taken w.r.t. the tensor handed over) against the fp64 reference on contiguous copies;
+    ``value_floor``: the scale below which value errors count absolutely (the logits' magnitude)."""
+    out = entry(hidden, weight, targets, bias=bias, outputs=OUTPUT_NAMES, backend=backend, **options)
+    grad_out = torch.randn(targets.shape, generator=torch.Generator().manual_seed(7))
+    args = {"hidden": hidden, "weight": weight, "bias": bias}
+    wrt = {k: t for k, t in args.items() if t is not None and t.requires_grad}
+    grads = torch.autograd.grad((out.logprobs * grad_out).sum(), list(wrt.values()))
+
+    ref_args = {k: t.detach().double().contiguous().requires_grad_() if t is not None else None
+                for k, t in args.items()}
+    h = ref_args["hidden"]
+    ref = reference_linear_logprobs(
+        h.reshape(-1, h.shape[-1]), ref_args["weight"], targets.reshape(-1).long(), bias=ref_args["bias"],
+        **options,
+    )
+    ref_grads = torch.autograd.grad((ref.logprobs * grad_out.double().reshape(-1)).sum(),
+                                    [ref_args[k] for k in wrt])
+    dtype = hidden.dtype
+    for name in OUTPUT_NAMES:
+        value = getattr(out, name).reshape(-1)
+        assert rel_err(value, getattr(ref, name), value_floor) < VALUE_RTOL[dtype], name
+    for name, g, rg in zip(wrt, grads, ref_grads, strict=True):
+        assert g.shape == args[name].shape and g.dtype == dtype
+        assert rel_err(g, rg) < GRAD_RTOL[dtype], f"d{name}"
+
+
+def head(n: int = 7, h: int = 9, v: int = 37, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * 0.7).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[2] = -100
+    return hidden, weight, targets
+
+
+# --- 1. a strided or stride-0 bias is read through its strides ---
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["column", "expanded"])
+def test_strided_and_expanded_bias(layout: str, backend: str, entry: str) -> None:
+    hidden, weight, targets = head()
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(37, 2, generator=g) if layout == "column" else torch.randn(1, generator=g))
+    base.requires_grad_()
+    bias = base[:, 1] if layout == "column" else base.expand(37)
+    check_call(ENTRY_POINTS[entry], hidden, weight, targets, bias, backend=backend)
+    # the gradient reaches the caller's own tensor through the copy made for the kernels
+    out = ENTRY_POINTS[entry](hidden, weight, targets, bias=bias, backend=backend)
+    out.logprobs.sum().backward()
+    assert base.grad is not None and torch.isfinite(base.grad).all()
+
+
+# --- 2. narrow integer targets are compared as int64 ---
+
+TARGET_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", TARGET_DTYPES, ids=str)
+def test_integer_target_dtypes(dtype: torch.dtype, backend: str, entry: str) -> None:
+    """V = 300 > 255: uint8 token 156 is -100 mod 256, and 300 wraps in uint8/int8."""
+    hidden, weight, _ = head(n=6, v=300)
+    ids = {torch.uint8: [156, 255, 0, 3, 200, 1], torch.int8: [127, -100, 0, 3, 100, 1]}
+    targets = torch.tensor(ids.get(dtype, [156, 299, -100, 3, 200, 1]), dtype=dtype)
+    check_call(ENTRY_POINTS[entry], hidden, weight, targets, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+def test_narrow_targets_in_the_fused_loss(dtype: torch.dtype) -> None:
+    """The fused loss's token mask (``targets != ignore_index``) is taken on int64 targets too."""
+    h, w, b, ref_w, y = make_preference_batch(2, 5, 300, 8, seed=3, dtype=torch.float32)
+    y = y.clamp(max=127)
+    y[y >= 0] = y[y >= 0] + (128 if dtype == torch.uint8 else 0)  # uint8 ids in [128, 255]: 156 among them
+    y[0, 1] = 156 if dtype == torch.uint8 else 100
+    y_narrow = y.clamp(min=0).to(dtype) if dtype == torch.uint8 else y.to(dtype)
+    ignore = 0 if dtype == torch.uint8 else -100
+    y_wide = y_narrow.long()
+    if dtype == torch.uint8:
+        y_narrow[:, 0] = 0  # ignore_index=0 marks the prompt of every sequence
+        y_wide[:, 0] = 0
+    common = dict(ignore_index=ignore, ref_weight=ref_w, variant="wpo", backend="torch")
+    got = fused_linear_wpo_loss(h, w, y_narrow, **common)
+    want = fused_linear_wpo_loss(h, w, y_wide, **common)
+    assert torch.equal(got.loss, want.loss)
+    assert all(torch.equal(got.metrics[k], want.metrics[k]) for k in want.metrics)
+
+
+def test_uint64_targets_are_refused() -> None:
+    hidden, weight, _ = head()
+    with pytest.raises(TypeError, match="targets must be an integer tensor.*uint64"):
+        fused_linear_logprobs(hidden, weight, torch.zeros(7, dtype=torch.uint64))
+
+
+# --- 3. an infinite margin gives a finite loss, never NaN ---
+
+
+@pytest.mark.parametrize("variant", ["wpo_w", "none"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "simpo"])
+def test_infinite_margin_is_not_nan(loss_type: str, variant: str) -> None:
+    """The rejected answer has log-prob -inf (margin +inf): the pair's loss is 0 with zero gradient."""
+    pc = torch.tensor([-3.0, -2.0], requires_grad=True)
+    pr = torch.tensor([float("-inf"), -4.0], requires_grad=True)
+    ref, ones, lengths = torch.tensor([-3.5, -3.0]), torch.ones(2), torch.tensor([3, 4])
+    out = wpo_loss(pc, pr, ref, ref, ones, torch.tensor([0.0, 1.0]), loss_type=loss_type, variant=variant,
+                   chosen_lengths=lengths, rejected_lengths=lengths)
+    finite_pair = wpo_loss(pc[1:], pr[1:], ref[1:], ref[1:], ones[1:], ones[1:], loss_type=loss_type,
+                           variant=variant, chosen_lengths=lengths[1:], rejected_lengths=lengths[1:])
+    assert torch.isclose(out.loss, finite_pair.loss / 2, rtol=1e-6, atol=0)  # mean over 2 pairs, one is 0
+    out.loss.backward()
+    assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all() and pr.grad[0] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["wpo_w", "none"])
+def test_fused_loss_with_rejected_token_masked_by_bias(variant: str, backend: str) -> None:
+    h, w, b, ref_w, y = make_preference_batch(2, 6, 40, 8, seed=5, dtype=torch.float32, empty=False)
+    b[7] = float("-inf")
+    y[2, 3] = 7  # a token of rejected sequence 0 sits on the masked entry: its log-prob is -inf
+    w.requires_grad_()
+    out = fused_linear_wpo_loss(h, w, y, ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2),
+                                bias=b, variant=variant, alignment="none", backend=backend)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(w.grad).all()
+
+
+# --- 4. backend is validated ---
+
+
+def test_unknown_backend_is_refused() -> None:
+    hidden, weight, targets = head()
+    for entry in ENTRY_POINTS.values():
+        with pytest.raises(ValueError, match=r"backend must be one of \[.*\], got 'cuda'"):
+            entry(hidden, weight, targets, backend="cuda")
+
+
+def test_triton_backend_without_cuda_or_interpreter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    hidden, weight, targets = head()
+    if hidden.is_cuda:
+        pytest.skip("CPU tensors only")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors.*TRITON_INTERPRET"):
+        fused_linear_logprobs(hidden, weight, targets, backend="triton")
+    # auto falls back to the chunked torch implementation
+    assert fused_linear_logprobs(hidden, weight, targets).logprobs.shape == (7,)
+
+
+def test_triton_backend_refuses_float64() -> None:
+    hidden, weight, targets = head()
+    with pytest.raises(ValueError, match="backend='triton' takes .* inputs, got float64"):
+        fused_linear_logprobs(hidden.double(), weight.double(), targets, backend="triton")
+
+
+# --- 5. double backward is refused ---
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend: str, entry: str) -> None:
+    hidden, weight, targets = head()
+    out = ENTRY_POINTS[entry](hidden, weight, targets, backend=backend)
+    with pytest.raises(RuntimeError, match="do not support double backward.*create_graph=True"):
+        torch.autograd.grad(out.logprobs.sum(), hidden, create_graph=True)
+    # the first-order gradient of the same graph still works
+    (dh,) = torch.autograd.grad(out.logprobs.sum(), hidden)
+    assert torch.isfinite(dh).all()
+
+
+# --- 6. autocast does not change the fallback's precision ---
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_bf16_autocast_fp32_inputs_stay_exact(backend: str, entry: str) -> None:
+    """fp32 head under CPU bf16 autocast, forward and backward inside it, logits |z| ~ 90."""
+    hidden, weight, targets = head(n=8, h=16, v=50, seed=4)
+    with torch.no_grad():
+        hidden.mul_(15.0)
+    bias = torch.randn(50, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        check_call(ENTRY_POINTS[entry], hidden, weight, targets, bias, backend=backend, value_floor=100.0)
+        out = ENTRY_POINTS[entry](hidden, weight, targets, bias=bias, backend=backend)
+        (db,) = torch.autograd.grad(out.logprobs.sum(), bias)
+    # Σ_v d logp(y) / d b_v = 1 - Σ_v p_v = 0 for every kept token
+    assert abs(db.sum().item()) < 1e-4
+
+
+# --- 7. wpo_weights checks the mask's device ---
+
+
+def test_mask_on_another_device_is_refused() -> None:
+    logprobs = torch.randn(2, 3)
+    mask = torch.ones(2, 3, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match=r"mask must be on the device of logprobs \(cpu\), got meta"):
+        wpo_weights(logprobs, None, None, mask, "none")
+
+
+def test_mask_that_is_not_binary_is_refused() -> None:
+    """Labels passed as the mask by mistake: -100 would count as a token."""
+    labels = torch.tensor([[-100, 5, 7], [3, 4, -100]])
+    with pytest.raises(ValueError, match="mask must be bool or hold only 0 and 1, found -100"):
+        wpo_weights(torch.randn(2, 3), None, None, labels, "none")
+    w01 = wpo_weights(torch.tensor([[-1.0, -2.0, -3.0]]), None, None, torch.tensor([[0, 1, 1]]), "none")
+    assert torch.isclose(w01, torch.exp(torch.tensor([-2.5]))).all()
+
+
+# --- wpo_loss: negative weights, devices ---
+
+
+@pytest.mark.parametrize("name", ["chosen_weight", "rejected_weight"])
+@pytest.mark.parametrize("bad", [-0.5, float("nan")])
+def test_negative_or_nan_weights_are_refused(name: str, bad: float) -> None:
+    """WPO weights are exp(·) >= 0; log-weights passed by mistake would turn pairs into gradient ascent."""
+    args = {"chosen_weight": torch.ones(3), "rejected_weight": torch.ones(3)}
+    args[name][1] = bad
+    with pytest.raises(ValueError, match=rf"{name} must be >= 0 .*found {bad}"):
+        wpo_loss(torch.randn(3), torch.randn(3), torch.randn(3), torch.randn(3), **args)
+
+
+def test_zero_weights_are_accepted() -> None:
+    logps = [torch.randn(3) for _ in range(4)]
+    out = wpo_loss(*logps, torch.zeros(3), torch.ones(3))
+    assert out.loss == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_weight"]
+)
+def test_wpo_loss_vector_on_another_device_is_refused(name: str) -> None:
+    args = dict(policy_rejected_logps=torch.randn(3), ref_chosen_logps=torch.randn(3),
+                ref_rejected_logps=torch.randn(3), chosen_weight=torch.ones(3), rejected_weight=torch.ones(3))
+    args[name] = torch.empty(3, device="meta")
+    with pytest.raises(ValueError, match=rf"{name} must be on the device of policy_chosen_logps"):
+        wpo_loss(torch.randn(3), **args)
