@@ -274,3 +274,125 @@ def test_wpo_loss_vector_on_another_device_is_refused(name: str) -> None:
     args[name] = torch.empty(3, device="meta")
     with pytest.raises(ValueError, match=rf"{name} must be on the device of policy_chosen_logps"):
         wpo_loss(torch.randn(3), **args)
+
+
+# --- every layout of every tensor argument ---
+
+LAYOUTS = ["contiguous", "sliced", "transposed", "expanded", "expanded_last", "offset"]
+
+
+def in_layout(values: Tensor, layout: str) -> Tensor:
+    """``values`` handed over in ``layout``: a view with the same values over other storage (every other
+    element of a larger buffer, reversed dimension order, a storage offset), or a stride-0 broadcast of
+    its first slice along dim 0 (``expanded``) or along the last dim (``expanded_last``). Stays in
+    ``values``' graph, so gradients can be taken w.r.t. the returned view."""
+    shape = tuple(values.shape)
+    if layout == "contiguous":
+        return values.clone()
+    if layout == "sliced":
+        return torch.stack([values, torch.zeros_like(values)], dim=-1)[..., 0]
+    if layout == "transposed":
+        dims = list(reversed(range(values.dim())))
+        return values.permute(dims).contiguous().permute(dims)
+    if layout == "expanded":
+        return values[:1].expand(shape)
+    if layout == "expanded_last":
+        return values[..., :1].expand(shape)
+    if layout == "offset":
+        return torch.cat([torch.zeros(5, dtype=values.dtype), values.reshape(-1)])[5:].view(shape)
+    raise ValueError(layout)
+
+
+def test_layouts_are_what_they_say() -> None:
+    x = torch.arange(12.0).reshape(3, 4)
+    assert in_layout(x, "sliced").stride() == (8, 2)
+    assert in_layout(x, "transposed").stride() == (1, 3)
+    assert in_layout(x, "expanded").stride() == (0, 1) and in_layout(x, "expanded_last").stride() == (4, 0)
+    assert in_layout(x, "offset").storage_offset() == 5
+    for layout in ("contiguous", "sliced", "transposed", "offset"):
+        assert torch.equal(in_layout(x, layout), x)
+
+
+ARGUMENTS = ["hidden", "hidden_3d", "weight", "bias", "targets", "targets_2d"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("argument", ARGUMENTS)
+def test_every_layout_of_every_argument(argument: str, layout: str, backend: str) -> None:
+    """One argument in ``layout``, the others contiguous; 3-D hidden ``[2, 4, H]`` with 2-D targets."""
+    g = torch.Generator().manual_seed(hash((argument, layout)) % 1000)
+    batched = argument in ("hidden_3d", "targets_2d")
+    shape = (2, 4) if batched else (8,)
+    hidden = torch.randn(*shape, 9, generator=g).requires_grad_()
+    weight = (0.7 * torch.randn(37, 9, generator=g)).requires_grad_()
+    bias = torch.randn(37, generator=g).requires_grad_()
+    targets = torch.randint(0, 37, shape, generator=g)
+    targets.view(-1)[3] = -100
+    args = {"hidden": hidden, "weight": weight, "bias": bias, "targets": targets}
+    name = argument.split("_")[0]
+    args[name] = in_layout(args[name], layout)
+    for entry in ENTRY_POINTS.values():
+        check_call(entry, args["hidden"], args["weight"], args["targets"], args["bias"], backend=backend)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_wpo_weights_layouts(layout: str) -> None:
+    """Every ``[B, T]`` argument of :func:`wpo_weights` in ``layout`` (mask as bool and as 0/1 int8)."""
+    g = torch.Generator().manual_seed(11)
+    logprobs = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 4
+    stat = -torch.rand(3, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    mask[:, 0] = True
+    for mask_dtype in (torch.bool, torch.int8):
+        lp, st, mk = (in_layout(t, layout) for t in (logprobs, stat, mask.to(mask_dtype)))
+        keep = mk.bool().double()
+        want = torch.exp(((lp - st) * keep).sum(-1) / keep.sum(-1))
+        for got in (wpo_weights(lp, None, st, mk, "sampled"), wpo_weights(lp, st, None, mk, "greedy")):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["sliced", "expanded", "offset"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "kto"])
+def test_wpo_loss_layouts(layout: str, loss_type: str) -> None:
+    """Every ``[B]`` argument of :func:`wpo_loss` in ``layout`` gives the loss and policy gradients of
+    contiguous copies (1-D: transposed is contiguous)."""
+    g = torch.Generator().manual_seed(12)
+    vectors = [-torch.rand(4, generator=g, dtype=torch.float64) * 9 for _ in range(4)]
+    vectors += [torch.rand(4, generator=g, dtype=torch.float64) for _ in range(2)]
+    vectors += [torch.randint(1, 9, (4,), generator=g) for _ in range(2)]
+    handed = [in_layout(t, layout) for t in vectors]
+    copies = [t.clone() for t in handed]
+    results = []
+    for args in (handed, copies):
+        policy = [t.requires_grad_() if t.is_leaf else t for t in args[:2]]
+        out = wpo_loss(*policy, *args[2:6], loss_type=loss_type, chosen_lengths=args[6],
+                       rejected_lengths=args[7])
+        results.append((out.loss, *torch.autograd.grad(out.loss, policy)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("argument", ["hidden", "weight", "bias", "targets"])
+def test_fused_wpo_loss_layouts(argument: str, layout: str, backend: str) -> None:
+    """:func:`fused_linear_wpo_loss` with one argument in ``layout`` (targets also as int32) against the
+    fp64 reference loss and gradients."""
+    from wpo_kernels.reference import reference_wpo_loss
+
+    h, w, b, ref_w, y = make_preference_batch(2, 5, 30, 8, seed=7, dtype=torch.float32, empty=False)
+    leaves = {"hidden": h.requires_grad_(), "weight": w.requires_grad_(), "bias": b.requires_grad_()}
+    args = {**leaves, "targets": y.to(torch.int32) if argument == "targets" else y}
+    args[argument] = in_layout(args[argument], layout)
+    out = fused_linear_wpo_loss(args["hidden"], args["weight"], args["targets"], bias=args["bias"],
+                                ref_weight=ref_w, beta=0.5, backend=backend)
+    handed = [args[k] for k in leaves]  # gradients w.r.t. the tensors handed over, whatever their layout
+    grads = torch.autograd.grad(out.loss, handed)
+    exact = [t.detach().double().contiguous().requires_grad_() for t in handed]
+    want = reference_wpo_loss(exact[0], exact[1], args["targets"].long().contiguous(), bias=exact[2],
+                              ref_weight=ref_w.double(), beta=0.5)
+    want_grads = torch.autograd.grad(want, exact)
+    assert rel_err(out.loss, want) < VALUE_RTOL[torch.float32]
+    for name, got_g, want_g in zip(leaves, grads, want_grads, strict=True):
+        assert rel_err(got_g, want_g) < GRAD_RTOL[torch.float32], f"d{name}"
