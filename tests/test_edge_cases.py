@@ -8,18 +8,25 @@ import pytest
 import torch
 from torch import Tensor
 
-from tests.helpers import GRAD_RTOL, VALUE_RTOL, make_preference_batch, rel_err
+from tests.helpers import (
+    CPU_BACKENDS,
+    GRAD_RTOL,
+    LAYOUTS,
+    VALUE_RTOL,
+    check_call,
+    in_layout,
+    make_preference_batch,
+    rel_err,
+)
 from wpo_kernels import (
-    OUTPUT_NAMES,
     fused_linear_logprobs,
     fused_linear_wpo_loss,
     vocab_parallel_linear_logprobs,
     wpo_loss,
     wpo_weights,
 )
-from wpo_kernels.reference import reference_linear_logprobs
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = CPU_BACKENDS
 
 
 def single_process_vocab_parallel(hidden: Tensor, weight: Tensor, targets: Tensor, **options) -> object:
@@ -31,36 +38,6 @@ def single_process_vocab_parallel(hidden: Tensor, weight: Tensor, targets: Tenso
 
 
 ENTRY_POINTS = {"fused": fused_linear_logprobs, "vocab_parallel": single_process_vocab_parallel}
-
-
-def check_call(
-    entry, hidden, weight, targets, bias=None, *, backend: str, value_floor: float = 1.0, **options
-) -> None:
-    """Values of every output and gradients w.r.t. every float argument (whatever its layout: the
-    gradient is taken w.r.t. the tensor handed over) against the fp64 reference on contiguous copies;
-    ``value_floor``: the scale below which value errors count absolutely (the logits' magnitude)."""
-    out = entry(hidden, weight, targets, bias=bias, outputs=OUTPUT_NAMES, backend=backend, **options)
-    grad_out = torch.randn(targets.shape, generator=torch.Generator().manual_seed(7))
-    args = {"hidden": hidden, "weight": weight, "bias": bias}
-    wrt = {k: t for k, t in args.items() if t is not None and t.requires_grad}
-    grads = torch.autograd.grad((out.logprobs * grad_out).sum(), list(wrt.values()))
-
-    ref_args = {k: t.detach().double().contiguous().requires_grad_() if t is not None else None
-                for k, t in args.items()}
-    h = ref_args["hidden"]
-    ref = reference_linear_logprobs(
-        h.reshape(-1, h.shape[-1]), ref_args["weight"], targets.reshape(-1).long(), bias=ref_args["bias"],
-        **options,
-    )
-    ref_grads = torch.autograd.grad((ref.logprobs * grad_out.double().reshape(-1)).sum(),
-                                    [ref_args[k] for k in wrt])
-    dtype = hidden.dtype
-    for name in OUTPUT_NAMES:
-        value = getattr(out, name).reshape(-1)
-        assert rel_err(value, getattr(ref, name), value_floor) < VALUE_RTOL[dtype], name
-    for name, g, rg in zip(wrt, grads, ref_grads, strict=True):
-        assert g.shape == args[name].shape and g.dtype == dtype
-        assert rel_err(g, rg) < GRAD_RTOL[dtype], f"d{name}"
 
 
 def head(n: int = 7, h: int = 9, v: int = 37, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -277,31 +254,6 @@ def test_wpo_loss_vector_on_another_device_is_refused(name: str) -> None:
 
 
 # --- every layout of every tensor argument ---
-
-LAYOUTS = ["contiguous", "sliced", "transposed", "expanded", "expanded_last", "offset"]
-
-
-def in_layout(values: Tensor, layout: str) -> Tensor:
-    """``values`` handed over in ``layout``: a view with the same values over other storage (every other
-    element of a larger buffer, reversed dimension order, a storage offset), or a stride-0 broadcast of
-    its first slice along dim 0 (``expanded``) or along the last dim (``expanded_last``). Stays in
-    ``values``' graph, so gradients can be taken w.r.t. the returned view."""
-    shape = tuple(values.shape)
-    if layout == "contiguous":
-        return values.clone()
-    if layout == "sliced":
-        return torch.stack([values, torch.zeros_like(values)], dim=-1)[..., 0]
-    if layout == "transposed":
-        dims = list(reversed(range(values.dim())))
-        return values.permute(dims).contiguous().permute(dims)
-    if layout == "expanded":
-        return values[:1].expand(shape)
-    if layout == "expanded_last":
-        return values[..., :1].expand(shape)
-    if layout == "offset":
-        return torch.cat([torch.zeros(5, dtype=values.dtype), values.reshape(-1)])[5:].view(shape)
-    raise ValueError(layout)
-
 
 def test_layouts_are_what_they_say() -> None:
     x = torch.arange(12.0).reshape(3, 4)
