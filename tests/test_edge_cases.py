@@ -348,3 +348,27 @@ def test_fused_wpo_loss_layouts(argument: str, layout: str, backend: str) -> Non
     assert rel_err(out.loss, want) < VALUE_RTOL[torch.float32]
     for name, got_g, want_g in zip(leaves, grads, want_grads, strict=True):
         assert rel_err(got_g, want_g) < GRAD_RTOL[torch.float32], f"d{name}"
+
+
+# --- beyond 2^31 elements ---
+
+
+def test_fallback_is_exact_beyond_int32_element_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``[V, H]`` head of V·H = 2^31 + 2^16 elements (a 256k vocabulary at H = 8192 is the real case),
+    held in V floats as a stride-0 view (``weight[v, d] = a_v``), so the logits have the closed form
+    ``z = a_v · Σ_d hidden[n, d]``; forward only (the backward's ``dW`` would be 8 GiB). The torch path
+    indexes in int64: the far end of the vocabulary is scored exactly. About 9 s of CPU time (it streams
+    8 GiB through the chunk copies)."""
+    monkeypatch.setattr("wpo_kernels.fallback.CHUNK_ELEMENTS", 1024)  # 256-column chunks: 64 MiB copies
+    v, h = 2**15 + 1, 2**16
+    assert v * h > 2**31
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(v, 1, generator=g)
+    hidden = torch.randn(4, h, generator=g) / h**0.5
+    targets = torch.tensor([v - 1, 0, 2**15 - 7, v // 2])
+    with torch.no_grad():
+        out = fused_linear_logprobs(hidden, a.expand(v, h), targets, outputs=("lse",), backend="torch")
+    z = a.double().T * hidden.double().sum(1, keepdim=True)  # [N, V] in closed form
+    lse = torch.logsumexp(z, dim=1)
+    assert rel_err(out.lse, lse) < VALUE_RTOL[torch.float32]
+    assert rel_err(out.logprobs, z.gather(1, targets[:, None]).squeeze(1) - lse) < VALUE_RTOL[torch.float32]
