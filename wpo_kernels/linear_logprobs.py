@@ -203,13 +203,15 @@ def fused_linear_logprobs(
     Args:
         hidden: ``[..., H]`` float16 / bfloat16 / float32 (float64 runs the torch fallback); any strides.
         weight: ``[V, H]``, same dtype and device as ``hidden``.
-        targets: ``[...]`` integer, values in ``[0, V)`` or ``ignore_index``.
-        bias: optional ``[V]``.
+        targets: ``[...]`` int8/16/32/64 or uint8/16/32 (compared as int64), values in ``[0, V)`` or
+            ``ignore_index``; any strides.
+        bias: optional ``[V]``, any strides (a strided or expanded bias is copied for the kernels).
         outputs: which of ``"lse"``, ``"log_max_prob"`` (``max_v z - lse``), ``"log_sum_sq_probs"``
             (``log Σ_v p_v²``) and ``"entropy"`` to compute besides ``logprobs``. These are detached
             (WPO weights are detached by definition); ``entropy`` costs one extra running sum.
         backend: ``"auto"`` (Triton on CUDA and under ``TRITON_INTERPRET=1``, else the chunked torch
-            fallback), ``"triton"`` or ``"torch"``.
+            fallback), ``"triton"`` (refused for float64, and for CPU tensors without the interpreter)
+            or ``"torch"``.
         grad_filter_eps: gradient filtering in the Triton backward: a ``[BLOCK_N, BLOCK_V]`` tile whose
             softmax probabilities are all below this value and which holds no target is skipped.
             ``None`` (default) computes the exact gradient. ``torch.finfo(dtype).eps / 32`` (``2**-12``
@@ -219,8 +221,9 @@ def fused_linear_logprobs(
 
     Returns:
         :class:`LogprobOutput` with ``[...]``-shaped float32 tensors (float64 for float64 inputs).
-        ``logprobs`` is differentiable w.r.t. hidden, weight and bias and is 0 (with no gradient) where
-        ``targets == ignore_index``.
+        ``logprobs`` is differentiable w.r.t. hidden, weight and bias (once: double backward raises) and
+        is 0 (with no gradient) where ``targets == ignore_index``. An enclosing ``torch.autocast`` is
+        switched off inside (the computation accumulates in fp32 itself).
 
     Example:
         >>> out = fused_linear_logprobs(h, lm_head.weight, labels, outputs=("log_sum_sq_probs",))
