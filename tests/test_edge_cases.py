@@ -372,3 +372,34 @@ def test_fallback_is_exact_beyond_int32_element_counts(monkeypatch: pytest.Monke
     lse = torch.logsumexp(z, dim=1)
     assert rel_err(out.lse, lse) < VALUE_RTOL[torch.float32]
     assert rel_err(out.logprobs, z.gather(1, targets[:, None]).squeeze(1) - lse) < VALUE_RTOL[torch.float32]
+
+
+def test_non_integer_ignore_index_is_refused() -> None:
+    hidden, weight, targets = head()
+    with pytest.raises(TypeError, match="ignore_index must be an int, got 0.5"):
+        fused_linear_logprobs(hidden, weight, targets, ignore_index=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_module_and_loss_module_take_narrow_targets_and_strided_tensors(backend: str) -> None:
+    """:func:`head_linear_logprobs` (an ``nn.Linear`` head with bias) and :class:`FusedLinearWPOLoss` go
+    through the same entry: uint8 targets over V = 300 and a transposed hidden are exact there too."""
+    from torch import nn
+
+    from wpo_kernels import FusedLinearWPOLoss, head_linear_logprobs
+
+    g = torch.Generator().manual_seed(13)
+    lm_head = nn.Linear(8, 300)
+    hidden = in_layout(torch.randn(4, 6, 8, generator=g), "transposed").requires_grad_()
+    targets = torch.randint(128, 256, (4, 6), generator=g, dtype=torch.uint8)
+    targets[:, :2] = 0
+    out = head_linear_logprobs(lm_head, hidden, targets, ignore_index=0, backend=backend)
+    want = fused_linear_logprobs(hidden, lm_head.weight, targets.long(), bias=lm_head.bias, ignore_index=0,
+                                 backend="torch")
+    assert rel_err(out.logprobs, want.logprobs) < VALUE_RTOL[torch.float32]
+    loss_fn = FusedLinearWPOLoss(ignore_index=0, backend=backend, alignment="none")
+    ref = dict(ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+    got = loss_fn(lm_head.weight, hidden, targets, bias=lm_head.bias, **ref).loss
+    plain = hidden.detach().contiguous()
+    exact = loss_fn(lm_head.weight, plain, targets.long(), bias=lm_head.bias, **ref).loss
+    assert rel_err(got, exact) < VALUE_RTOL[torch.float32]

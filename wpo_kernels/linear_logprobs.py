@@ -114,6 +114,8 @@ def validate_inputs(
     for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     _check_positive("temperature", transform.temperature)
     _check_positive("softcap", transform.softcap, allow_none=True)
     _check_positive("logit_scale", transform.logit_scale)
