@@ -65,6 +65,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import pad, use_adapter  # noqa: E402
 
+from wpo_kernels.autograd import BACKENDS as _BACKENDS  # noqa: E402
 from wpo_kernels.integration.hf import WPOHeadOutput, add_wpo_lm_head  # noqa: E402
 from wpo_kernels.losses import LOSS_TYPES, VARIANTS, check_loss_options, wpo_loss  # noqa: E402
 from wpo_kernels.weights import Alignment, parse_alignment, wpo_weights  # noqa: E402
@@ -72,7 +73,6 @@ from wpo_kernels.weights import Alignment, parse_alignment, wpo_weights  # noqa:
 __all__ = ["SUPPORTED_TRL", "WPOConfig", "WPOTrainer", "check_trl_version"]
 
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
-_BACKENDS = ("auto", "triton", "torch")
 
 
 @dataclass

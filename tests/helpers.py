@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from wpo_kernels import OUTPUT_NAMES
+from wpo_kernels.kernels.logits_tile import interpreter_active
+from wpo_kernels.reference import reference_linear_logprobs
+
+#: Backends that take CPU tensors here: the Triton kernels only in the interpreter (tests/conftest.py sets
+#: it on machines without CUDA), the torch fallback always.
+CPU_BACKENDS = ["triton", "torch"] if interpreter_active() else ["torch"]
+
 #: Relative-norm tolerances ``|x - ref| / |ref|`` against the fp64 reference, per input dtype.
 #: Values are accumulated in fp32 everywhere; gradients of half inputs go through a half-precision dL
 #: on the GPU (tensor cores), hence looser gradient bounds there.
@@ -110,3 +118,70 @@ def tiny_decoder_config(vocab: int, hidden: int, **overrides: object) -> dict[st
         "eos_token_id": 1,
         **overrides,
     }
+
+
+LAYOUTS = ["contiguous", "sliced", "transposed", "expanded", "expanded_last", "offset"]
+
+
+def in_layout(values: Tensor, layout: str) -> Tensor:
+    """``values`` handed over in ``layout``: a view with the same values over other storage (every other
+    element of a larger buffer, reversed dimension order, a storage offset), or a stride-0 broadcast of
+    its first slice along dim 0 (``expanded``) or along the last dim (``expanded_last``). Stays in
+    ``values``' graph, so gradients can be taken w.r.t. the returned view."""
+    shape = tuple(values.shape)
+    if layout == "contiguous":
+        return values.clone()
+    if layout == "sliced":
+        return torch.stack([values, torch.zeros_like(values)], dim=-1)[..., 0]
+    if layout == "transposed":
+        dims = list(reversed(range(values.dim())))
+        return values.permute(dims).contiguous().permute(dims)
+    if layout == "expanded":
+        return values[:1].expand(shape)
+    if layout == "expanded_last":
+        return values[..., :1].expand(shape)
+    if layout == "offset":
+        return torch.cat([torch.zeros(5, dtype=values.dtype), values.reshape(-1)])[5:].view(shape)
+    raise ValueError(layout)
+
+
+def check_call(
+    entry,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    backend: str,
+    value_floor: float = 1.0,
+    outputs: tuple[str, ...] = OUTPUT_NAMES,
+    **options,
+) -> None:
+    """``entry`` (``fused_linear_logprobs`` or a function with its signature) against the fp64 reference
+    on contiguous copies: the requested ``outputs`` and the gradients w.r.t. every float argument that
+    requires grad, taken w.r.t. the tensor handed over whatever its layout (none: no graph is built).
+    ``value_floor``: the scale below which value errors count absolutely (the logits' magnitude)."""
+    out = entry(hidden, weight, targets, bias=bias, outputs=outputs, backend=backend, **options)
+    grad_out = torch.randn(targets.shape, generator=torch.Generator().manual_seed(7))
+    args = {"hidden": hidden, "weight": weight, "bias": bias}
+    wrt = {k: t for k, t in args.items() if t is not None and t.requires_grad}
+    if not wrt:
+        assert out.logprobs.grad_fn is None
+    grads = torch.autograd.grad((out.logprobs * grad_out).sum(), list(wrt.values())) if wrt else ()
+
+    ref_args = {k: t.detach().double().contiguous().requires_grad_() if t is not None else None
+                for k, t in args.items()}
+    h = ref_args["hidden"]
+    ref = reference_linear_logprobs(
+        h.reshape(-1, h.shape[-1]), ref_args["weight"], targets.reshape(-1).long(), bias=ref_args["bias"],
+        **options,
+    )
+    ref_loss = (ref.logprobs * grad_out.double().reshape(-1)).sum()
+    ref_grads = torch.autograd.grad(ref_loss, [ref_args[k] for k in wrt]) if wrt else ()
+    dtype = hidden.dtype
+    for name in dict.fromkeys(("logprobs", *outputs)):
+        value = getattr(out, name).reshape(-1)
+        assert rel_err(value, getattr(ref, name), value_floor) < VALUE_RTOL[dtype], name
+    for name, g, rg in zip(wrt, grads, ref_grads, strict=True):
+        assert g.shape == args[name].shape and g.dtype == dtype
+        assert rel_err(g, rg) < GRAD_RTOL[dtype], f"d{name}"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -14,6 +17,36 @@ from wpo_kernels.kernels.logits_tile import interpreter_active
 from wpo_kernels.types import LogitTransform, VocabStats
 
 Backend = Literal["auto", "triton", "torch"]
+#: The accepted ``backend`` names.
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+def autocast_disabled(device: torch.device) -> AbstractContextManager:
+    """Autocast off on ``device`` for the kernels and the fallback, which choose their own precision
+    (fp32 accumulation, fp64 for fp64 inputs): under an enclosing bf16 autocast the fallback's matmuls
+    would otherwise run in bf16, and its backward would no longer match its forward."""
+    if not torch.amp.is_autocast_available(device.type):
+        return nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+def first_order_backward(backward: Callable[..., tuple]) -> Callable[..., tuple]:
+    """Wrap a logprobs Function's ``backward``: refuse double backward with an error (the gradients are
+    computed by kernels, not by differentiable torch ops, so a second-order term would be silently
+    dropped), and run with autocast off like the forward."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx: Any, grad_logprobs: Tensor, *grads: Tensor) -> tuple:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "wpo_kernels log-probs do not support double backward: their backward is not itself "
+                "differentiable. Call backward / torch.autograd.grad without create_graph=True (for a "
+                "gradient penalty, compute that term from wpo_kernels.reference instead)."
+            )
+        with autocast_disabled(grad_logprobs.device):
+            return backward(ctx, grad_logprobs, *grads)
+
+    return wrapped
 
 
 def resolve_backend(backend: Backend, hidden: Tensor) -> Literal["triton", "torch"]:
@@ -160,6 +193,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return finish_forward(ctx, hidden, weight, bias, targets, stats, ignore_index, need_mean_logit)
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, grad_logprobs: Tensor, *unused: Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         grad = kept_token_grad(grad_logprobs, targets, ctx.ignore_index, lse.dtype)

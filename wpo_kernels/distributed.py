@@ -28,17 +28,20 @@ from torch import Tensor, nn
 
 from wpo_kernels.autograd import (
     Backend,
+    autocast_disabled,
     finish_forward,
+    first_order_backward,
     input_grads,
     kept_token_grad,
     linear_logprobs_backward,
-    resolve_backend,
     vocab_stats,
 )
 from wpo_kernels.linear_logprobs import (
     check_outputs,
-    flatten_tokens,
+    checked_backend,
+    flatten_inputs,
     fused_linear_logprobs,
+    int64_targets,
     needs_autograd,
     outputs_from_stats,
     per_token_from_stats,
@@ -227,6 +230,7 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
         return finish_forward(ctx, hidden, weight, bias, targets, stats, ignore_index, need_mean_logit)
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, grad_logprobs: Tensor, *unused: Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         grad = kept_token_grad(grad_logprobs, targets, ctx.ignore_index, lse.dtype)
@@ -352,6 +356,7 @@ def vocab_parallel_linear_logprobs(
     """
     transform = LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     outputs = check_outputs(outputs)
+    targets = int64_targets(targets)
     _validate_parallel(
         hidden,
         weight_shard,
@@ -363,28 +368,29 @@ def vocab_parallel_linear_logprobs(
         ignore_index=ignore_index,
         transform=transform,
     )
-    h, y = flatten_tokens(hidden, targets)
-    chosen = resolve_backend(backend, h)
+    h, y, b = flatten_inputs(hidden, targets, bias_shard)
+    chosen = checked_backend(backend, h)
     need_mean = "entropy" in outputs
-    if needs_autograd(hidden, weight_shard, bias_shard):
-        per_token = VocabParallelLogprobsFunction.apply(
-            h,
-            weight_shard,
-            bias_shard,
-            y,
-            ignore_index,
-            transform,
-            chosen,
-            need_mean,
-            vocab_start,
-            vocab_size,
-            process_group,
-            reduce_grad_hidden,
-        )
-    else:
-        local = _local_stats(chosen, h, weight_shard, bias_shard, y, transform, vocab_start, need_mean)
-        stats = combine_vocab_stats(local, weight_shard.shape[0], vocab_size, process_group)
-        per_token = per_token_from_stats(stats, y, ignore_index)
+    with autocast_disabled(h.device):
+        if needs_autograd(hidden, weight_shard, bias_shard):
+            per_token = VocabParallelLogprobsFunction.apply(
+                h,
+                weight_shard,
+                b,
+                y,
+                ignore_index,
+                transform,
+                chosen,
+                need_mean,
+                vocab_start,
+                vocab_size,
+                process_group,
+                reduce_grad_hidden,
+            )
+        else:
+            local = _local_stats(chosen, h, weight_shard, b, y, transform, vocab_start, need_mean)
+            stats = combine_vocab_stats(local, weight_shard.shape[0], vocab_size, process_group)
+            per_token = per_token_from_stats(stats, y, ignore_index)
     return outputs_from_stats(per_token, outputs, tuple(targets.shape))
 
 

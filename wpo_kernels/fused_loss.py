@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from wpo_kernels.autograd import Backend
-from wpo_kernels.linear_logprobs import fused_linear_logprobs
+from wpo_kernels.autograd import BACKENDS, Backend
+from wpo_kernels.linear_logprobs import fused_linear_logprobs, int64_targets
 from wpo_kernels.losses import _NEEDS_REF, WPOLossOutput, check_loss_options, wpo_loss
 from wpo_kernels.weights import Alignment, parse_alignment, wpo_weights
 
@@ -106,6 +106,7 @@ def fused_linear_wpo_loss(
     )
     align = parse_alignment(alignment)
     half = _check_layout(hidden, targets)
+    targets = int64_targets(targets)  # before `targets != ignore_index`: a uint8 156 would equal -100
     transform = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
 
     given = (ref_chosen_logps is not None, ref_rejected_logps is not None)
@@ -208,8 +209,8 @@ class FusedLinearWPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_loss_options(loss_type, variant, beta, label_smoothing, simpo_gamma)
-        if backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"backend must be one of ['auto', 'triton', 'torch'], got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.options = dict(
             ignore_index=ignore_index,
             beta=beta,

@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from wpo_kernels.autograd import (
+    BACKENDS,
     Backend,
     LinearLogprobsFunction,
+    autocast_disabled,
     resolve_backend,
     target_logprobs,
     vocab_stats,
 )
+from wpo_kernels.kernels.logits_tile import interpreter_active
 from wpo_kernels.types import OUTPUT_NAMES, LogitTransform, LogprobOutput, VocabStats
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Integer dtypes that convert to int64 exactly (not uint64: 2**64 - 100 would become -100).
+_TARGET_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32)
 
 
 def _check_positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
@@ -26,6 +32,36 @@ def _check_positive(name: str, value: float | None, *, allow_none: bool = False)
         return
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def int64_targets(targets: Tensor) -> Tensor:
+    """``targets`` (any shape) as int64, the one conversion every entry point makes before comparing them
+    with ``ignore_index`` or the vocabulary size: in uint8, token 156 would equal ``-100`` (mod 256), and
+    ids above 255 (127 for int8) would not fit. ``TypeError`` naming ``targets`` for a non-integer dtype."""
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype not in _TARGET_DTYPES:
+        raise TypeError(
+            f"targets must be an integer tensor (int8/16/32/64, uint8/16/32), got {targets.dtype}"
+        )
+    return targets.to(torch.int64)
+
+
+def checked_backend(backend: Backend, hidden: Tensor) -> Literal["triton", "torch"]:
+    """The backend that runs ``hidden``'s call: ``"auto"`` resolved, an explicit choice checked.
+    ``ValueError`` naming ``backend`` for an unknown name, and for ``"triton"`` where the kernels cannot
+    run: float64 inputs, or tensors off CUDA without the interpreter (``TRITON_INTERPRET=1``)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    chosen = resolve_backend(backend, hidden)
+    if chosen == "triton" and hidden.dtype == torch.float64:
+        raise ValueError("backend='triton' takes float16/bfloat16/float32 inputs, got float64: use 'torch'")
+    if chosen == "triton" and not hidden.is_cuda and not interpreter_active():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (hidden is on {hidden.device}) or the Triton interpreter "
+            "(TRITON_INTERPRET=1 set before triton is imported); use 'auto' or 'torch'"
+        )
+    return chosen
 
 
 def validate_inputs(
@@ -41,8 +77,9 @@ def validate_inputs(
 ) -> None:
     """Raise ``TypeError``/``ValueError`` naming the argument for every malformed input.
 
-    ``vocab_start``/``global_vocab`` describe a vocabulary slice (vocabulary-parallel heads): targets
-    are then checked against the global vocabulary size.
+    ``targets`` are int64 (from :func:`int64_targets`). ``vocab_start``/``global_vocab`` describe a
+    vocabulary slice (vocabulary-parallel heads): targets are then checked against the global vocabulary
+    size.
     """
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, Tensor):
@@ -62,8 +99,6 @@ def validate_inputs(
         )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
@@ -79,6 +114,8 @@ def validate_inputs(
     for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     _check_positive("temperature", transform.temperature)
     _check_positive("softcap", transform.softcap, allow_none=True)
     _check_positive("logit_scale", transform.logit_scale)
@@ -117,9 +154,17 @@ def outputs_from_stats(per_token: PerToken, outputs: Sequence[str], shape: tuple
     return result
 
 
-def flatten_tokens(hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """``hidden [..., H]`` as ``[N, H]`` and ``targets [...]`` as a contiguous ``[N]``."""
-    return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).contiguous()
+def flatten_inputs(
+    hidden: Tensor, targets: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``hidden [..., H]`` as ``[N, H]`` (any strides: the kernels take them), ``targets [...]`` as a
+    contiguous ``[N]`` and ``bias`` contiguous (the kernels read both at unit stride; a strided or
+    expanded bias is copied, and its gradient still reaches the caller's tensor through the copy)."""
+    return (
+        hidden.reshape(-1, hidden.shape[-1]),
+        targets.reshape(-1).contiguous(),
+        bias.contiguous() if bias is not None else None,
+    )
 
 
 def needs_autograd(*tensors: Tensor | None) -> bool:
@@ -160,13 +205,15 @@ def fused_linear_logprobs(
     Args:
         hidden: ``[..., H]`` float16 / bfloat16 / float32 (float64 runs the torch fallback); any strides.
         weight: ``[V, H]``, same dtype and device as ``hidden``.
-        targets: ``[...]`` integer, values in ``[0, V)`` or ``ignore_index``.
-        bias: optional ``[V]``.
+        targets: ``[...]`` int8/16/32/64 or uint8/16/32 (compared as int64), values in ``[0, V)`` or
+            ``ignore_index``; any strides.
+        bias: optional ``[V]``, any strides (a strided or expanded bias is copied for the kernels).
         outputs: which of ``"lse"``, ``"log_max_prob"`` (``max_v z - lse``), ``"log_sum_sq_probs"``
             (``log Σ_v p_v²``) and ``"entropy"`` to compute besides ``logprobs``. These are detached
             (WPO weights are detached by definition); ``entropy`` costs one extra running sum.
         backend: ``"auto"`` (Triton on CUDA and under ``TRITON_INTERPRET=1``, else the chunked torch
-            fallback), ``"triton"`` or ``"torch"``.
+            fallback), ``"triton"`` (refused for float64, and for CPU tensors without the interpreter)
+            or ``"torch"``.
         fp32_grad_accumulation: the Triton backward sums the weight (and bias) gradient over token slabs
             of up to 2048 rows; by default straight into the returned half-precision gradient (rounded
             once per slab), with True in an fp32 ``[V, H]`` buffer rounded once at the end (exact
@@ -175,8 +222,9 @@ def fused_linear_logprobs(
 
     Returns:
         :class:`LogprobOutput` with ``[...]``-shaped float32 tensors (float64 for float64 inputs).
-        ``logprobs`` is differentiable w.r.t. hidden, weight and bias and is 0 (with no gradient) where
-        ``targets == ignore_index``.
+        ``logprobs`` is differentiable w.r.t. hidden, weight and bias (once: double backward raises) and
+        is 0 (with no gradient) where ``targets == ignore_index``. An enclosing ``torch.autocast`` is
+        switched off inside (the computation accumulates in fp32 itself).
 
     Example:
         >>> out = fused_linear_logprobs(h, lm_head.weight, labels, outputs=("log_sum_sq_probs",))
@@ -184,15 +232,17 @@ def fused_linear_logprobs(
     """
     transform = LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     outputs = check_outputs(outputs)
+    targets = int64_targets(targets)
     validate_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, transform=transform)
-    h, y = flatten_tokens(hidden, targets)
-    chosen = resolve_backend(backend, h)
+    h, y, b = flatten_inputs(hidden, targets, bias)
+    chosen = checked_backend(backend, h)
     need_mean = "entropy" in outputs
-    if needs_autograd(hidden, weight, bias):
-        per_token = LinearLogprobsFunction.apply(
-            h, weight, bias, y, ignore_index, transform, chosen, need_mean, bool(fp32_grad_accumulation)
-        )
-    else:
-        stats = vocab_stats(chosen, h, weight, bias, y, transform, need_mean_logit=need_mean)
-        per_token = per_token_from_stats(stats, y, ignore_index)
+    with autocast_disabled(h.device):
+        if needs_autograd(hidden, weight, bias):
+            per_token = LinearLogprobsFunction.apply(
+                h, weight, b, y, ignore_index, transform, chosen, need_mean, bool(fp32_grad_accumulation)
+            )
+        else:
+            stats = vocab_stats(chosen, h, weight, b, y, transform, need_mean_logit=need_mean)
+            per_token = per_token_from_stats(stats, y, ignore_index)
     return outputs_from_stats(per_token, outputs, tuple(targets.shape))

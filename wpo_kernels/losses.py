@@ -49,8 +49,10 @@ class WPOLossOutput:
 
 
 def _smoothed_logistic(z: Tensor, eps: float) -> Tensor:
-    """Conservative DPO (cDPO): ``-(1-ε) log σ(z) - ε log σ(-z)``."""
-    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    """Conservative DPO (cDPO): ``-(1-ε) log σ(z) - ε log σ(-z)``; at ``ε = 0`` the second term is left
+    out, not multiplied by 0 (at ``z = +∞`` it is ``0 · ∞``, a NaN)."""
+    loss = -(1 - eps) * F.logsigmoid(z)
+    return loss - eps * F.logsigmoid(-z) if eps else loss
 
 
 def _sigmoid_loss(h: Tensor, beta: float, eps: float, gamma: float) -> Tensor:
@@ -62,8 +64,10 @@ def _simpo_loss(h: Tensor, beta: float, eps: float, gamma: float) -> Tensor:
 
 
 def _robust_loss(h: Tensor, beta: float, eps: float, gamma: float) -> Tensor:
-    """rDPO: an unbiased estimate of the clean DPO loss under label-flip rate ε."""
-    return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    """rDPO: an unbiased estimate of the clean DPO loss under label-flip rate ε (the ε term left out at
+    ``ε = 0``, as in :func:`_smoothed_logistic`)."""
+    loss = -(1 - eps) * F.logsigmoid(beta * h)
+    return (loss + eps * F.logsigmoid(-beta * h) if eps else loss) / (1 - 2 * eps)
 
 
 def _hinge_loss(h: Tensor, beta: float, eps: float, gamma: float) -> Tensor:
@@ -101,9 +105,13 @@ def _check_finite(name: str, value: object, *, positive: bool = False) -> float:
     return float(value)
 
 
-def _check_vector(name: str, t: object, batch: int | None, *, floating: bool = True) -> int:
+def _check_vector(
+    name: str, t: object, batch: int | None, *, floating: bool = True, device: torch.device | None = None
+) -> int:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [B], got {type(t).__name__}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on the device of policy_chosen_logps ({device}), got {t.device}")
     if t.dim() != 1:
         raise ValueError(f"{name} must have shape [B], got shape {tuple(t.shape)}")
     if floating and not t.dtype.is_floating_point:
@@ -115,6 +123,20 @@ def _check_vector(name: str, t: object, batch: int | None, *, floating: bool = T
             f"{name} must have the batch size of policy_chosen_logps (B={batch}), got B={t.shape[0]}"
         )
     return t.shape[0]
+
+
+def _check_weights(chosen_weight: Tensor, rejected_weight: Tensor) -> None:
+    """WPO weights are ``exp(·) >= 0``; a negative or NaN one (log-weights passed by mistake, say) would
+    turn its pair's term into gradient ascent or a NaN loss, so it is refused. One host sync."""
+    named = (("chosen_weight", chosen_weight), ("rejected_weight", rejected_weight))
+    bad = torch.stack([((w < 0) | w.isnan()).any() for _, w in named]).tolist()
+    for (name, w), is_bad in zip(named, bad, strict=True):
+        if is_bad:
+            value = w[(w < 0) | w.isnan()][0].item()
+            raise ValueError(
+                f"{name} must be >= 0 (WPO weights are exp(mean aligned log-prob), as wpo_weights returns "
+                f"them, not log-weights), found {value}"
+            )
 
 
 def _kl_baseline(kto_kl: Tensor | float | None, like: Tensor) -> Tensor:
@@ -244,7 +266,8 @@ def wpo_loss(
             loss is differentiable w.r.t. these only.
         ref_chosen_logps, ref_rejected_logps: ``[B]``, the same under the reference model (detached
             here); required except for ``"simpo"``, which ignores them.
-        chosen_weight, rejected_weight: ``[B]`` WPO weights (:func:`wpo_weights`); detached here.
+        chosen_weight, rejected_weight: ``[B]`` WPO weights (:func:`wpo_weights`), ``>= 0``: a negative
+            or NaN weight raises ``ValueError`` (checked with one host sync); detached here.
         loss_type: one of :data:`LOSS_TYPES`.
         variant: ``"wpo"`` (``ω = w_w·w_l``), ``"wpo_w"`` (``w_w``), ``"wpo_l"`` (``w_l``) or
             ``"none"`` (``ω = 1``: plain DPO / IPO / ...; for KTO, uniform weights).
@@ -264,23 +287,25 @@ def wpo_loss(
         loss_type, variant, beta, label_smoothing, simpo_gamma, kto_kl
     )
     batch = _check_vector("policy_chosen_logps", policy_chosen_logps, None)
-    _check_vector("policy_rejected_logps", policy_rejected_logps, batch)
-    _check_vector("chosen_weight", chosen_weight, batch)
-    _check_vector("rejected_weight", rejected_weight, batch)
+    device = policy_chosen_logps.device
+    _check_vector("policy_rejected_logps", policy_rejected_logps, batch, device=device)
+    _check_vector("chosen_weight", chosen_weight, batch, device=device)
+    _check_vector("rejected_weight", rejected_weight, batch, device=device)
+    _check_weights(chosen_weight, rejected_weight)
     if loss_type in _NEEDS_REF:
         for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
             if t is None:
                 raise ValueError(
                     f"{name} is required for loss_type={loss_type!r} (only simpo is reference-free), got None"
                 )
-            _check_vector(name, t, batch)
+            _check_vector(name, t, batch, device=device)
     if loss_type in _NEEDS_LENGTHS:
         for name, t in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
             if t is None:
                 raise ValueError(
                     f"{name} ([B] token counts) is required for loss_type={loss_type!r}, got None"
                 )
-            _check_vector(name, t, batch, floating=False)
+            _check_vector(name, t, batch, floating=False, device=device)
 
     dtype = policy_chosen_logps.dtype
     pi_w, pi_l = policy_chosen_logps, policy_rejected_logps.to(dtype)

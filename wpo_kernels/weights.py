@@ -71,7 +71,8 @@ def wpo_weights(
         logprobs: ``[B, T]`` float, ``log p(y_t)`` (``LogprobOutput.logprobs``); any gradient is cut.
         log_max_prob: ``[B, T]``, ``log max_v p(v)``; required for ``"greedy"`` only, else may be None.
         log_sum_sq_probs: ``[B, T]``, ``log Σ_v p(v)²``; required for ``"sampled"`` only, else may be None.
-        mask: ``[B, T]`` bool (or 0/1 integer), True at the tokens of the output being weighted.
+        mask: ``[B, T]`` bool (or 0/1 integer; other values raise), True at the tokens of the output
+            being weighted; on the device of ``logprobs``.
         alignment: an :class:`Alignment` or ``"none"`` / ``"greedy"`` / ``"sampled"``.
         clamp_max: if set, each sequence's weight is clamped to at most this. Aligned weights can exceed 1
             (a token the policy finds likelier than its typical sampled token), which scales that pair's
@@ -95,6 +96,8 @@ def wpo_weights(
     _check_token_tensor("mask", mask, shape)
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise TypeError(f"mask must be a bool (or 0/1 integer) tensor, got {mask.dtype}")
+    if mask.device != logprobs.device:
+        raise ValueError(f"mask must be on the device of logprobs ({logprobs.device}), got {mask.device}")
     needed = {
         Alignment.GREEDY: ("log_max_prob", log_max_prob),
         Alignment.SAMPLED: ("log_sum_sq_probs", log_sum_sq_probs),
@@ -123,7 +126,13 @@ def wpo_weights(
         total = torch.where(keep, aligned, torch.zeros_like(aligned)).sum(dim=-1)
         count = keep.sum(dim=-1)
         empty = count == 0
-        if bool(empty.any()):
+        # a 0/1 integer mask, not labels passed by mistake (-100 would count as a token); one host sync
+        not_binary = ((mask != 0) & (mask != 1)).any() if mask.dtype != torch.bool else empty.new_zeros(())
+        any_empty, any_not_binary = torch.stack([empty.any(), not_binary]).tolist()
+        if any_not_binary:
+            found = mask[(mask != 0) & (mask != 1)][0].item()
+            raise ValueError(f"mask must be bool or hold only 0 and 1, found {found}")
+        if any_empty:
             warnings.warn(
                 "wpo_weights: a sequence has no tokens in mask; its weight is set to 0",
                 RuntimeWarning,
