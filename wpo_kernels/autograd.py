@@ -111,38 +111,3 @@ def input_grads(
         db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
     )
 
-
-class LinearLogprobsFunction(torch.autograd.Function):
-    """``logprobs[i] = log softmax(transform(hidden @ weight.T + bias))[i, targets[i]]`` without the
-    ``[N, V]`` logits. Returns ``(logprobs, max_logit, lse, lse2, mean_logit)`` (``mean_logit`` empty
-    unless requested); only ``logprobs`` carries gradient. Saves the inputs and ``lse``, nothing
-    ``[N, V]``."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        targets: Tensor,
-        ignore_index: int,
-        transform: LogitTransform,
-        backend: Literal["triton", "torch"],
-        need_mean_logit: bool,
-        grad_filter_eps: float | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        stats = vocab_stats(
-            backend, hidden, weight, bias, targets, transform, need_mean_logit=need_mean_logit
-        )
-        ctx.transform, ctx.backend, ctx.grad_filter_eps = transform, backend, grad_filter_eps
-        return finish_forward(ctx, hidden, weight, bias, targets, stats, ignore_index, need_mean_logit)
-
-    @staticmethod
-    def backward(ctx, grad_logprobs: Tensor, *unused: Tensor):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        grad = kept_token_grad(grad_logprobs, targets, ctx.ignore_index, lse.dtype)
-        dh, dw, db = linear_logprobs_backward(
-            ctx.backend, hidden, weight, bias, targets, lse, grad, ctx.transform,
-            filter_eps=ctx.grad_filter_eps,
-        )
-        return (*input_grads(ctx, hidden, weight, bias, dh, dw, db), None, None, None, None, None, None)

@@ -9,13 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from wpo_kernels.autograd import (
-    Backend,
-    LinearLogprobsFunction,
-    resolve_backend,
-    target_logprobs,
-    vocab_stats,
-)
+from wpo_kernels.autograd import Backend, resolve_backend, target_logprobs
+from wpo_kernels.custom_ops import linear_logprobs as linear_logprobs_op
 from wpo_kernels.types import OUTPUT_NAMES, LogitTransform, LogprobOutput, VocabStats
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -189,12 +184,9 @@ def fused_linear_logprobs(
     validate_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, transform=transform)
     h, y = flatten_tokens(hidden, targets)
     chosen = resolve_backend(backend, h)
-    need_mean = "entropy" in outputs
-    if needs_autograd(hidden, weight, bias):
-        per_token = LinearLogprobsFunction.apply(
-            h, weight, bias, y, ignore_index, transform, chosen, need_mean, grad_filter_eps
-        )
-    else:
-        stats = vocab_stats(chosen, h, weight, bias, y, transform, need_mean_logit=need_mean)
-        per_token = per_token_from_stats(stats, y, ignore_index)
+    # one custom op (autograd, torch.compile and the dispatcher see it whole), with or without a graph
+    per_token = linear_logprobs_op(
+        h, weight, bias, y, ignore_index, logit_scale, softcap, temperature, chosen, "entropy" in outputs,
+        grad_filter_eps,
+    )
     return outputs_from_stats(per_token, outputs, tuple(targets.shape))
