@@ -78,12 +78,26 @@ def validate_inputs(
     _check_positive("softcap", transform.softcap, allow_none=True)
     _check_positive("logit_scale", transform.logit_scale)
     vocab = global_vocab if global_vocab is not None else vocab_start + weight.shape[0]
+    check_target_range(targets, vocab, ignore_index)
+
+
+def check_target_range(targets: Tensor, vocab: int, ignore_index: int) -> None:
+    """Every target in ``[0, vocab)`` or equal to ``ignore_index``, checked without a host sync.
+
+    ``torch._assert_async``: on CUDA the check runs on the device and a bad target fails the next
+    synchronisation with a device-side assert; under ``torch.compile`` it is part of the graph (a
+    ``RuntimeError`` naming ``targets`` on CPU); in eager mode on CPU it fails at once and is raised as a
+    ``ValueError`` naming ``targets`` and the offending value (which only this error path reads).
+    """
+    message = f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
     out_of_range = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
-    if bool(out_of_range.any()):  # the one host sync of a call
-        bad = targets[out_of_range][0].item()
-        raise ValueError(
-            f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}, found {bad}"
-        )
+    if torch.compiler.is_compiling():
+        torch._assert_async(~out_of_range.any(), message)
+        return
+    try:
+        torch._assert_async(~out_of_range.any(), message)
+    except RuntimeError:
+        raise ValueError(f"{message}, found {targets[out_of_range][0].item()}") from None
 
 
 #: ``(logprobs, max_logit, lse, lse2, mean_logit)``, each ``[N]``: what the autograd Functions return.

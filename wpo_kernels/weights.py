@@ -81,7 +81,8 @@ def wpo_weights(
 
     Returns:
         ``[B]`` float32 (float64 for float64 inputs), detached, in ``[0, inf)``. A sequence with no
-        tokens gets weight 0 (with a ``RuntimeWarning``, shown once per call site); a ``-inf``
+        tokens gets weight 0 (with a ``RuntimeWarning``, shown once per call site, for CPU tensors in
+        eager mode; on other devices and under ``torch.compile`` the check would sync, so none); a ``-inf``
         log-probability gives weight 0; never NaN.
 
     Example:
@@ -123,7 +124,8 @@ def wpo_weights(
         total = torch.where(keep, aligned, torch.zeros_like(aligned)).sum(dim=-1)
         count = keep.sum(dim=-1)
         empty = count == 0
-        if bool(empty.any()):
+        # the warning reads the mask: only where that costs no device sync and breaks no compiled graph
+        if keep.device.type == "cpu" and not torch.compiler.is_compiling() and bool(empty.any()):
             warnings.warn(
                 "wpo_weights: a sequence has no tokens in mask; its weight is set to 0",
                 RuntimeWarning,
