@@ -11,7 +11,7 @@ as ``R·P`` pairs in one process.
 
 Example (2 CPU processes, gloo)::
 
-    accelerate launch --cpu --config_file integration/accelerate/zero3.yaml \\
+    accelerate launch --num_processes 2 --config_file integration/accelerate/zero3.yaml \\
         integration/examples/accelerate_wpo.py --output-dir outputs/zero3
 """
 
