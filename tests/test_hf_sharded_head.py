@@ -2,7 +2,8 @@
 
 A tiny untied ``LlamaForCausalLM`` whose ``lm_head`` is (a) tensor parallel (``transformers``' own plan,
 ``colwise_gather_output``: a ``Shard(0)`` DTensor), (b) sharded by FSDP2 ``fully_shard(lm_head)``, or
-(c) inside a ``fully_shard`` root; the log-probabilities and gradients of
+(c) inside a ``fully_shard`` root, or (d) partitioned by DeepSpeed ZeRO-3 (the real package, an optional
+extra); the log-probabilities and gradients of
 :func:`~wpo_kernels.integration.hf.causal_lm_hidden_and_head` + ``head.logprobs`` (and of
 ``add_wpo_lm_head``'s forward) must equal the fp64 unsharded single-process model's materialised
 log-softmax. Tolerances (fp32 against fp64, relative norm): values ``1e-5``, gradients ``1e-4``.
@@ -29,11 +30,12 @@ from tests.test_distributed import spawn  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
+from wpo_kernels import fused_linear_logprobs  # noqa: E402
+from wpo_kernels.distributed import gathered_head_weight  # noqa: E402
 from wpo_kernels.integration.hf import (  # noqa: E402
     add_wpo_lm_head,
     backbone_of,
     causal_lm_hidden_and_head,
-    lm_head_of,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -87,14 +89,15 @@ def _reference(model: nn.Module, seed: int) -> dict[str, Tensor]:
     )
 
 
-def _fused(model: nn.Module, seed: int, layout: str) -> tuple[object, Tensor]:
-    """``causal_lm_hidden_and_head`` + ``head.logprobs`` with entropy, backward with the batch's gradient."""
+def _fused(model: nn.Module, seed: int, layout: str, backward=Tensor.backward) -> tuple[object, Tensor]:
+    """``causal_lm_hidden_and_head`` + ``head.logprobs`` with entropy, ``backward`` (an engine's, or plain
+    autograd) of the log-probabilities weighted by the batch's gradient."""
     batch, targets, grad_out = _batch(seed)
     hidden, head = causal_lm_hidden_and_head(model, batch)
     assert head.layout == layout and head.module is model.lm_head, (head.layout, layout)
     hidden.retain_grad()
     out = head.logprobs(hidden[:, :-1], targets, outputs=("entropy",), backend="torch")
-    (out.logprobs * grad_out).sum().backward()
+    backward((out.logprobs * grad_out).sum())
     return out, hidden.grad
 
 
@@ -189,18 +192,65 @@ def test_sharded_heads_match_unsharded_model(tmp_path: Path) -> None:
     spawn(2, tmp_path, _worker)
 
 
-def test_zero3_head_runs_through_its_module() -> None:
-    """A ZeRO-3 partitioned head (an empty placeholder with ``ds_*`` attributes) is detected without
-    deepspeed and run inside the head module's forward, where ZeRO-3's hooks would gather it."""
-    model = _tiny_llama()
-    assert lm_head_of(model).layout == "plain"
-    weight = model.lm_head.weight
-    weight.ds_id, weight.ds_status, weight.ds_shape = 0, "NOT_AVAILABLE", weight.shape
-    weight.data = torch.empty(0)
-    head = lm_head_of(model)
-    assert head.layout == "sharded" and head.module is model.lm_head
-    entered = []
-    model.lm_head.register_forward_pre_hook(lambda module, args: entered.append(module))
-    with pytest.raises(ImportError, match="deepspeed"):  # the gather itself needs deepspeed
-        head.logprobs(torch.randn(3, H), torch.tensor([1, 2, 3]), backend="torch")
-    assert entered == [model.lm_head]
+def _check_zero3(rank: int, world_size: int) -> None:
+    """(d) DeepSpeed ZeRO-3 on the whole model (every parameter partitioned, none persistent): each rank
+    its own batch; ``head.logprobs`` runs inside ``lm_head``'s forward, whose ZeRO-3 hooks gather the
+    weight for the forward and again for the backward. ZeRO-3 averages gradients over ranks, so the
+    reference is the mean of the ranks' single-process gradients, and this rank's partition of it is the
+    rank's slice of the flattened gradient."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+    base = _tiny_llama()
+    refs = [_reference(base, seed=20 + r) for r in range(world_size)]
+    want_w = sum(r["d_weight"] for r in refs) / world_size
+    want_norm = sum(r["d_norm"] for r in refs) / world_size
+    mine = refs[rank]
+    model = copy.deepcopy(base).train()
+    config = {
+        "train_micro_batch_size_per_gpu": B,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=config
+    )
+    weight = engine.module.lm_head.weight
+    assert weight.numel() == 0 and tuple(weight.ds_shape) == (V, H), "lm_head.weight is not partitioned"
+    where = f"rank {rank} ZeRO-3"
+
+    # forward-only through gathered_head_weight: gathered inside the block, partitioned again after it
+    batch, targets, _ = _batch(20 + rank)
+    with torch.no_grad():
+        hidden = backbone_of(engine.module)(**batch, use_cache=False).last_hidden_state
+        with gathered_head_weight(weight) as (full,):
+            assert tuple(full.shape) == (V, H)
+            out = fused_linear_logprobs(hidden[:, :-1], full, targets, backend="torch")
+    assert weight.ds_status == ZeroParamStatus.NOT_AVAILABLE, f"{where}: weight left gathered"
+    assert rel_err(out.logprobs, mine["logprobs"]) < VALUE_TOL, f"{where}: gathered_head_weight logprobs"
+
+    # forward and backward through the head module; the engine's backward reduce-scatters the gradients
+    out, d_hidden = _fused(engine.module, 20 + rank, "sharded", engine.backward)
+    mask = out.logprobs != 0
+    assert rel_err(out.logprobs, mine["logprobs"]) < VALUE_TOL, f"{where}: logprobs"
+    assert rel_err(out.entropy[mask], mine["entropy"]) < VALUE_TOL, f"{where}: entropy"
+    assert rel_err(d_hidden, mine["d_hidden"]) < GRAD_TOL, f"{where}: dH"
+    local = safe_get_local_grad(weight)
+    size = -(-V * H // world_size)
+    assert local.shape == (size,), f"{where}: dW partition shape {tuple(local.shape)}"
+    want_local = want_w.flatten()[rank * size : (rank + 1) * size].float()
+    assert rel_err(local[: want_local.numel()], want_local) < GRAD_TOL, f"{where}: dW partition"
+    assert rel_err(safe_get_full_grad(weight), want_w) < GRAD_TOL, f"{where}: dW"
+    norm_grad = safe_get_full_grad(engine.module.model.norm.weight)
+    assert rel_err(norm_grad, want_norm) < GRAD_TOL, f"{where}: backbone grad"
+
+
+def _zero3_worker(rank: int, world_size: int) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)  # deepspeed.initialize requires it (a launcher would set it)
+    _check_zero3(rank, world_size)
+
+
+def test_zero3_head_matches_unsharded_model(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    spawn(2, tmp_path, _zero3_worker)

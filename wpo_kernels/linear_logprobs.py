@@ -10,15 +10,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from wpo_kernels.autograd import (
-    BACKENDS,
-    Backend,
-    LinearLogprobsFunction,
-    autocast_disabled,
-    resolve_backend,
-    target_logprobs,
-    vocab_stats,
-)
+from wpo_kernels.autograd import BACKENDS, Backend, autocast_disabled, resolve_backend, target_logprobs
+from wpo_kernels.custom_ops import linear_logprobs as linear_logprobs_op
 from wpo_kernels.kernels.logits_tile import interpreter_active
 from wpo_kernels.types import OUTPUT_NAMES, LogitTransform, LogprobOutput, VocabStats
 
@@ -120,12 +113,26 @@ def validate_inputs(
     _check_positive("softcap", transform.softcap, allow_none=True)
     _check_positive("logit_scale", transform.logit_scale)
     vocab = global_vocab if global_vocab is not None else vocab_start + weight.shape[0]
+    check_target_range(targets, vocab, ignore_index)
+
+
+def check_target_range(targets: Tensor, vocab: int, ignore_index: int) -> None:
+    """Every target in ``[0, vocab)`` or equal to ``ignore_index``, checked without a host sync.
+
+    ``torch._assert_async``: on CUDA the check runs on the device and a bad target fails the next
+    synchronisation with a device-side assert; under ``torch.compile`` it is part of the graph (a
+    ``RuntimeError`` naming ``targets`` on CPU); in eager mode on CPU it fails at once and is raised as a
+    ``ValueError`` naming ``targets`` and the offending value (which only this error path reads).
+    """
+    message = f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
     out_of_range = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
-    if bool(out_of_range.any()):  # the one host sync of a call
-        bad = targets[out_of_range][0].item()
-        raise ValueError(
-            f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}, found {bad}"
-        )
+    if torch.compiler.is_compiling():
+        torch._assert_async(~out_of_range.any(), message)
+        return
+    try:
+        torch._assert_async(~out_of_range.any(), message)
+    except RuntimeError:
+        raise ValueError(f"{message}, found {targets[out_of_range][0].item()}") from None
 
 
 #: ``(logprobs, max_logit, lse, lse2, mean_logit)``, each ``[N]``: what the autograd Functions return.
@@ -236,13 +243,10 @@ def fused_linear_logprobs(
     validate_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, transform=transform)
     h, y, b = flatten_inputs(hidden, targets, bias)
     chosen = checked_backend(backend, h)
-    need_mean = "entropy" in outputs
+    # one custom op (autograd, torch.compile and the dispatcher see it whole), with or without a graph
     with autocast_disabled(h.device):
-        if needs_autograd(hidden, weight, bias):
-            per_token = LinearLogprobsFunction.apply(
-                h, weight, b, y, ignore_index, transform, chosen, need_mean, bool(fp32_grad_accumulation)
-            )
-        else:
-            stats = vocab_stats(chosen, h, weight, b, y, transform, need_mean_logit=need_mean)
-            per_token = per_token_from_stats(stats, y, ignore_index)
+        per_token = linear_logprobs_op(
+            h, weight, b, y, ignore_index, logit_scale, softcap, temperature, chosen, "entropy" in outputs,
+            bool(fp32_grad_accumulation),
+        )
     return outputs_from_stats(per_token, outputs, tuple(targets.shape))

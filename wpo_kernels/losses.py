@@ -127,8 +127,13 @@ def _check_vector(
 
 def _check_weights(chosen_weight: Tensor, rejected_weight: Tensor) -> None:
     """WPO weights are ``exp(·) >= 0``; a negative or NaN one (log-weights passed by mistake, say) would
-    turn its pair's term into gradient ascent or a NaN loss, so it is refused. One host sync."""
+    turn its pair's term into gradient ascent or a NaN loss, so it is refused: at once for CPU tensors in
+    eager mode, asynchronously (no host sync) on a device or under ``torch.compile``."""
     named = (("chosen_weight", chosen_weight), ("rejected_weight", rejected_weight))
+    if chosen_weight.device.type != "cpu" or torch.compiler.is_compiling():
+        for name, w in named:
+            torch._assert_async(((w >= 0) & ~w.isnan()).all(), f"{name} must be >= 0 (WPO weights)")
+        return
     bad = torch.stack([((w < 0) | w.isnan()).any() for _, w in named]).tolist()
     for (name, w), is_bad in zip(named, bad, strict=True):
         if is_bad:

@@ -82,7 +82,8 @@ def wpo_weights(
 
     Returns:
         ``[B]`` float32 (float64 for float64 inputs), detached, in ``[0, inf)``. A sequence with no
-        tokens gets weight 0 (with a ``RuntimeWarning``, shown once per call site); a ``-inf``
+        tokens gets weight 0 (with a ``RuntimeWarning``, shown once per call site, for CPU tensors in
+        eager mode; on other devices and under ``torch.compile`` the check would sync, so none); a ``-inf``
         log-probability gives weight 0; never NaN.
 
     Example:
@@ -126,12 +127,20 @@ def wpo_weights(
         total = torch.where(keep, aligned, torch.zeros_like(aligned)).sum(dim=-1)
         count = keep.sum(dim=-1)
         empty = count == 0
-        # a 0/1 integer mask, not labels passed by mistake (-100 would count as a token); one host sync
-        not_binary = ((mask != 0) & (mask != 1)).any() if mask.dtype != torch.bool else empty.new_zeros(())
-        any_empty, any_not_binary = torch.stack([empty.any(), not_binary]).tolist()
-        if any_not_binary:
-            found = mask[(mask != 0) & (mask != 1)][0].item()
-            raise ValueError(f"mask must be bool or hold only 0 and 1, found {found}")
+        if keep.device.type == "cpu" and not torch.compiler.is_compiling():
+            # a 0/1 integer mask, not labels passed by mistake (-100 would count as a token); reading the
+            # mask here costs no device sync and breaks no compiled graph
+            binary = mask.dtype == torch.bool
+            not_binary = empty.new_zeros(()) if binary else ((mask != 0) & (mask != 1)).any()
+            any_empty, any_not_binary = torch.stack([empty.any(), not_binary]).tolist()
+            if any_not_binary:
+                found = mask[(mask != 0) & (mask != 1)][0].item()
+                raise ValueError(f"mask must be bool or hold only 0 and 1, found {found}")
+        else:
+            # on a device or under torch.compile: checked there, asynchronously; no warning
+            if mask.dtype != torch.bool:
+                torch._assert_async(((mask == 0) | (mask == 1)).all(), "mask must hold only 0 and 1")
+            any_empty = False
         if any_empty:
             warnings.warn(
                 "wpo_weights: a sequence has no tokens in mask; its weight is set to 0",
