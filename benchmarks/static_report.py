@@ -12,9 +12,12 @@ Kernels: the real launchers run on ``meta`` tensors at every plan point (``bench
 records their launches); each distinct launch specialisation is compiled once per shipped autotune
 config, for bf16, fp16 and fp32 (fp32 reaches a Triton kernel only with tf32 allowed, see
 ``wpo_kernels.autograd.resolve_backend``). Constexpr switches: all off and all on (``--all-switches``:
-every combination). ``registers``/``spill_bytes`` (stores + loads) are per thread from ptxas ``-v``;
-``wgmma``: every ``tl.dot`` became a Hopper warp-group MMA; ``atomics``: the PTX ``atom.*`` / ``red.*``
-forms. Plan: the Llama-3-8B and Gemma-2-9B heads at N = 1024, 4096, 16384, bf16, all five statistics,
+every combination), plus the plan points' own (bf16); a 256-column vocabulary slice adds the unsplit
+forward. ``registers``/``spill_bytes`` (stores + loads) are per thread from ptxas ``-v``; ``wgmma``:
+every ``tl.dot`` became a Hopper warp-group MMA; ``atomics``: the PTX ``atom.*`` / ``red.*`` forms. The
+markdown adds each variant's epilogue cost (SASS instructions and MUFU per logit, which the cost model
+uses) and the lever predictions (``benchmarks/lever_predictions.py``).
+Plan: the Llama-3-8B and Gemma-2-9B heads at N = 1024, 4096, 16384, bf16, all five statistics,
 no bias, ``sm_count`` 132; ``workspace_bytes`` from the plan, ``predicted_ratio`` from
 ``benchmarks/cost_model.py`` (a prediction from static facts, not a measurement).
 """
@@ -37,7 +40,7 @@ from typing import Any
 import torch
 import triton
 
-from benchmarks.cost_model import H100, CompiledKernel, Epilogue, KernelFacts, predict
+from benchmarks.cost_model import CompiledKernel, Epilogue, KernelFacts, predict
 from benchmarks.launch_compile import CapturedLaunch, capture, compile_facts, launch_key, launch_source
 from benchmarks.lever_predictions import lever_rows
 from benchmarks.plan_points import HEADS, TOKENS, Head, plans
@@ -50,6 +53,8 @@ from wpo_kernels.types import LogitTransform
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 #: Launcher options that are constexpr switches of the kernels (HAS_BIAS, HAS_SOFTCAP, NEED_MEAN).
 SWITCH_OPTIONS = ("bias", "softcap", "need_mean")
+#: A 256-row vocabulary slice (e.g. a tensor-parallel shard): the forward runs unsplit.
+UNSPLIT_HEAD = Head(4096, 256, None)
 
 
 def triton_dtypes() -> list[torch.dtype]:
@@ -111,12 +116,14 @@ def compile_jobs(all_switches: bool = False) -> list[CompileJob]:
         list(itertools.product((False, True), repeat=len(SWITCH_OPTIONS)))
         if all_switches else [(False,) * len(SWITCH_OPTIONS), (True,) * len(SWITCH_OPTIONS)]
     )
-    # one large N too, forward only: there it needs no vocabulary split (its PARTIAL switch is off)
-    tokens = (*TOKENS, 2 * H100.sm_count * 256)
     calls = [
-        (head, n, dtype, *switches, n in TOKENS)
-        for dtype, switches, head, n in itertools.product(triton_dtypes(), combos, HEADS.values(), tokens)
+        (head, n, dtype, *switches, True)
+        for dtype, switches, head, n in itertools.product(triton_dtypes(), combos, HEADS.values(), TOKENS)
     ]
+    # a vocabulary (slice) of one split granule, forward only: the plan's one case without a split (the
+    # kernel's PARTIAL switch off)
+    calls += [(UNSPLIT_HEAD, 1024, dtype, *switches, False)
+              for dtype, switches in itertools.product(triton_dtypes(), combos)]
     # and the plan points' own switches (bf16, no bias, the head's softcap, all five statistics), whose
     # facts the cost model reads
     calls += [(head, n, torch.bfloat16, False, head.softcap is not None, True, True)
