@@ -10,7 +10,8 @@ Per kernel kind (the plan's ``kernel_name``):
 
 - ``vocab_stats`` (forward): programs run in waves of ``sm_count × CTAs/SM``, each sweeping its vocabulary
   span tile by tile. Per tile and SM: MMA at ``eta_forward`` of the SM's peak, the statistics epilogue
-  (fully exposed at 1 CTA/SM, ``epilogue_exposed_2cta`` at 2+), a pipeline refill. A wave takes the larger
+  (its SASS instruction count per logit from the compiled kernel when the static facts are given; fully
+  exposed at 1 CTA/SM, ``epilogue_exposed_2cta`` at 2+), a pipeline refill. A wave takes the larger
   of that compute and its HBM traffic (a program's H block is re-read from HBM at every tile when the
   wave's H blocks plus its W tiles do not fit L2; each W tile is read once per wave).
 - ``merge_vocab_stats``: memory bound (reads the partial statistics, writes the final ones).
@@ -90,34 +91,67 @@ class Epilogue:
     mufu: float
 
 
-#: Epilogue costs, from the compiled SASS of the eafe6c5 kernels (``../shared/HOPPER_STATIC.md``): the
-#: five-statistic forward epilogue without / with the softcap. MUFU counts are ours, read off the source:
-#: one exp per logit, plus a reciprocal and an exp for the softcap's ``2·sigmoid(2x) − 1`` and one for its
-#: divide (they never bind: the instruction issue does).
-STATS_EPILOGUE = {False: Epilogue(25.6, 1.0), True: Epilogue(42.7, 4.0)}
-#: The dZ epilogue (one exp per logit, a compare, two multiplies, a cast and a store) has not been counted
-#: in SASS; assumed to cost what HOPPER_STATIC measured for the LSE-only forward epilogue (14.3 / 31.5),
-#: a prediction to check.
-GRAD_EPILOGUE = {False: Epilogue(14.3, 1.0), True: Epilogue(31.5, 4.0)}
+#: Epilogue costs when a kernel's compiled facts are not given: HOPPER_STATIC's SASS counts for the
+#: eafe6c5 forward (five statistics without / with the softcap; MUFU per logit counted the same way, see
+#: ``launch_compile.epilogue_counts``, which reproduces both instruction counts) ...
+STATS_EPILOGUE = {False: Epilogue(25.6, 1.0), True: Epilogue(42.7, 3.0)}
+#: ... and, for the dZ kernel, HOPPER_STATIC's LSE-only forward epilogue (14.3 / 31.5), an assumption.
+GRAD_EPILOGUE = {False: Epilogue(14.3, 1.0), True: Epilogue(31.5, 3.0)}
 
 
 @dataclass(frozen=True)
-class Occupancy:
-    """Registers per thread and shared bytes per CTA of compiled kernels, keyed by
-    ``(kernel_name, TileConfig)`` (the static report's facts). A kernel not listed is taken to run at
-    1 CTA/SM (its epilogue fully exposed), the conservative choice."""
+class CompiledKernel:
+    """Static facts of one compiled variant: registers per thread, shared bytes per CTA, epilogue cost
+    per logit (None: not counted)."""
 
-    facts: Mapping[tuple[str, TileConfig], tuple[int, int]] = field(default_factory=dict)
+    registers: int
+    shared_bytes: int
+    epilogue: Epilogue | None = None
 
-    def ctas_per_sm(self, kernel_name: str, config: TileConfig, hw: Hopper = H100) -> int:
-        fact = self.facts.get((kernel_name, config))
-        if fact is None:
+
+@dataclass(frozen=True)
+class KernelFacts:
+    """Compiled facts per ``(kernel_name, TileConfig)``, each with the constexpr switches it was compiled
+    with (the static report's entries). A launch takes the entries whose switches agree with its own
+    (the worst of them), else the worst entry of its config; a config without facts runs at 1 CTA/SM
+    (its epilogue fully exposed, the conservative choice) with the default epilogue cost."""
+
+    entries: Mapping[tuple[str, TileConfig], list[tuple[dict[str, object], CompiledKernel]]] = field(
+        default_factory=dict
+    )
+
+    def lookup(
+        self, kernel_name: str, config: TileConfig, switches: Mapping[str, object]
+    ) -> CompiledKernel | None:
+        compiled = self.entries.get((kernel_name, config), [])
+        agreeing = [c for s, c in compiled if all(s.get(k) == v for k, v in switches.items())]
+        candidates = agreeing or [c for _, c in compiled]
+        if not candidates:
+            return None
+        epilogues = [c.epilogue for c in candidates if c.epilogue is not None]
+        return CompiledKernel(
+            max(c.registers for c in candidates),
+            max(c.shared_bytes for c in candidates),
+            max(epilogues, key=lambda e: e.instructions) if epilogues else None,
+        )
+
+    def ctas_per_sm(
+        self, kernel_name: str, config: TileConfig, switches: Mapping[str, object] | None = None,
+        hw: Hopper = H100,
+    ) -> int:
+        compiled = self.lookup(kernel_name, config, switches or {})
+        if compiled is None:
             return 1
-        registers, shared = fact
-        per_warp = math.ceil(registers / 8) * 8 * 32  # allocated in units of 8 registers per thread
+        per_warp = math.ceil(compiled.registers / 8) * 8 * 32  # allocated in units of 8 per thread
         by_registers = hw.registers_per_sm // (per_warp * config.num_warps)
-        by_shared = hw.shared_per_sm // (shared + hw.shared_reserved_per_cta)
+        by_shared = hw.shared_per_sm // (compiled.shared_bytes + hw.shared_reserved_per_cta)
         return max(1, min(by_registers, by_shared))
+
+    def epilogue(
+        self, kernel_name: str, config: TileConfig, switches: Mapping[str, object], default: Epilogue
+    ) -> Epilogue:
+        compiled = self.lookup(kernel_name, config, switches)
+        return compiled.epilogue if compiled is not None and compiled.epilogue is not None else default
 
 
 @dataclass
@@ -141,15 +175,16 @@ def gemm_floor(plan: PassPlan, hw: Hopper = H100) -> float:
     return gemms * 2 * plan.n * plan.v * plan.h / hw.cublas_flops
 
 
-def predict(plan: PassPlan, hw: Hopper = H100, occupancy: Occupancy | None = None) -> Prediction:
-    """Predicted H100 time of ``plan`` (see the module docstring for the model)."""
-    occupancy = occupancy or Occupancy()
+def predict(plan: PassPlan, hw: Hopper = H100, facts: KernelFacts | None = None) -> Prediction:
+    """Predicted H100 time of ``plan`` (see the module docstring for the model); ``facts``: the compiled
+    kernels' registers, shared memory and epilogue counts (the static report's)."""
+    facts = facts or KernelFacts()
     parts: dict[str, float] = {}
     configs: dict[str, TileConfig] = {}
     for name, group in _by_kernel(plan.launches).items():
 
         def seconds(config: TileConfig, group: list[KernelLaunch] = group) -> float:
-            return sum(_launch_seconds(plan, launch, config, hw, occupancy) for launch in group)
+            return sum(_launch_seconds(plan, launch, config, hw, facts) for launch in group)
 
         configs[name] = min(group[0].configs, key=seconds)
         parts[name] = seconds(configs[name])
@@ -170,16 +205,19 @@ def _by_kernel(launches: tuple[KernelLaunch, ...]) -> dict[str, list[KernelLaunc
 
 
 def _launch_seconds(
-    plan: PassPlan, launch: KernelLaunch, config: TileConfig, hw: Hopper, occupancy: Occupancy
+    plan: PassPlan, launch: KernelLaunch, config: TileConfig, hw: Hopper, facts: KernelFacts
 ) -> float:
     kind = launch.kernel_name
     if kind == "merge_vocab_stats":
         return launch.count * _merge_seconds(plan, hw)
-    ctas = occupancy.ctas_per_sm(kind, config, hw)
+    ctas = facts.ctas_per_sm(kind, config, launch.switches, hw)
+    softcap = bool(launch.switches.get("HAS_SOFTCAP"))
     if kind == "vocab_stats":
-        return launch.count * _sweep_seconds(plan, launch, config, ctas, hw)
+        epilogue = facts.epilogue(kind, config, launch.switches, STATS_EPILOGUE[softcap])
+        return launch.count * _sweep_seconds(plan, launch, config, ctas, epilogue, hw)
     if kind == "grad_logits":
-        return launch.count * _grad_logits_seconds(plan, launch, config, ctas, hw)
+        epilogue = facts.epilogue(kind, config, launch.switches, GRAD_EPILOGUE[softcap])
+        return launch.count * _grad_logits_seconds(plan, launch, config, ctas, epilogue, hw)
     if kind == "fused_backward":
         return launch.count * _fused_backward_seconds(plan, launch, config, ctas, hw)
     raise ValueError(f"the cost model has no rule for kernel {kind!r}")
@@ -231,14 +269,15 @@ def _tile_step_seconds(
     return ctas * (mma + epi) + hw.refill_s
 
 
-def _sweep_seconds(plan: PassPlan, launch: KernelLaunch, config: TileConfig, ctas: int, hw: Hopper) -> float:
+def _sweep_seconds(
+    plan: PassPlan, launch: KernelLaunch, config: TileConfig, ctas: int, epilogue: Epilogue, hw: Hopper
+) -> float:
     """Forward statistics kernel: each program (row block, vocabulary split) sweeps ``split_len``
     columns, tile by tile."""
     rows, splits, group = _grid(plan, launch, config)
     steps = cdiv(min(plan.split_len or plan.v, plan.v), config.block_v)
     e = plan.dtype.itemsize
     h_block, w_tile = config.block_n * plan.h * e, config.block_v * plan.h * e
-    epilogue = STATS_EPILOGUE[bool(launch.switches.get("HAS_SOFTCAP"))]
     total = 0.0
     for programs, wave_rows, wave_splits in _waves(rows, splits, group, hw.sm_count * ctas):
         resident = cdiv(programs, hw.sm_count)
@@ -258,13 +297,12 @@ def _merge_seconds(plan: PassPlan, hw: Hopper) -> float:
 
 
 def _grad_logits_seconds(
-    plan: PassPlan, launch: KernelLaunch, config: TileConfig, ctas: int, hw: Hopper
+    plan: PassPlan, launch: KernelLaunch, config: TileConfig, ctas: int, epilogue: Epilogue, hw: Hopper
 ) -> float:
     """dZ kernel: one logits tile per program (the forward's main loop, so ``eta_forward``: its dot is
     the same pipelined tile loop), the gradient epilogue, the dZ tile stored."""
     rows, cols, group = _grid(plan, launch, config)
     e = plan.dtype.itemsize
-    epilogue = GRAD_EPILOGUE[bool(launch.switches.get("HAS_SOFTCAP"))]
     total = 0.0
     for programs, wave_rows, wave_cols in _waves(rows, cols, group, hw.sm_count * ctas):
         resident = cdiv(programs, hw.sm_count)

@@ -12,7 +12,8 @@ rebuilds a signature by hand:
    with the sm_90 backend, giving the signature, constexprs and attributes a launch on an H100 compiles;
 3. :func:`compile_facts` compiles that source with the real compiler chain (Triton -> PTX -> Triton's
    bundled ptxas) and reads the static facts: registers and spills (ptxas ``-v``), shared memory, whether
-   every ``tl.dot`` became a Hopper ``wgmma``, and the PTX atomic / reduction forms.
+   every ``tl.dot`` became a Hopper ``wgmma``, the PTX atomic / reduction forms, and the epilogue's SASS
+   instruction and MUFU counts per tile (``cuobjdump -sass``, see :func:`epilogue_counts`).
 
 The interpreter must be off in the compiling process (``TRITON_INTERPRET`` unset): it skips codegen.
 Works with triton 3.6 (the GPU image) and 3.9 (this project's pin); the APIs used are the same in both.
@@ -24,8 +25,11 @@ import contextlib
 import functools
 import io
 import re
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import triton
@@ -118,6 +122,8 @@ class StaticFacts:
     shared_bytes: int
     wgmma: bool  # every tl.dot became a Hopper wgmma (none left to mma.sync or FMA)
     atomics: list[str]  # PTX atomic / reduction instruction forms, sorted, e.g. red.global.gpu.add.f32
+    epilogue_instructions: int | None  # SASS instructions per thread per logits tile outside the MMA loop
+    epilogue_mufu: int | None  # of which MUFU (exp, reciprocal, ...)
 
 
 def compile_facts(source: ASTSource, options: dict[str, Any]) -> StaticFacts:
@@ -140,13 +146,51 @@ def compile_facts(source: ASTSource, options: dict[str, Any]) -> StaticFacts:
     has_dot = re.search(r"\btt\.dot\b", compiled.asm["ttir"]) is not None
     # a tl.dot not converted to a warp-group dot stays `tt.dot` in TTGIR (-> mma.sync or FMA)
     all_wgmma = re.search(r"\btt\.dot\b", ttgir) is None and "mma.sync" not in ptx
+    epilogue = epilogue_counts(_sass(compiled.asm["cubin"]))
     return StaticFacts(
         registers=int(registers.group(1)),
         spill_bytes=int(spills.group(1)) + int(spills.group(2)),
         shared_bytes=int(compiled.metadata.shared),
         wgmma=all_wgmma and (not has_dot or "wgmma.mma_async" in ptx),
         atomics=sorted(set(_PTX_ATOMICS.findall(ptx))),
+        epilogue_instructions=epilogue[0] if epilogue else None,
+        epilogue_mufu=epilogue[1] if epilogue else None,
     )
+
+
+def _sass(cubin: bytes) -> str:
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        dump = subprocess.run([cuobjdump, "-sass", file.name], capture_output=True, text=True, check=True)
+    return dump.stdout
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]+);")
+_BACK_BRANCH = re.compile(r"\bBRA (0x[0-9a-f]+)")
+
+
+def epilogue_counts(sass: str) -> tuple[int, int] | None:
+    """``(instructions, MUFU instructions)`` per thread per logits tile outside the tensor-core loop, from
+    a kernel's SASS; None without ``HGMMA``. The MMA loop is the innermost loop (backward branch)
+    around the first ``HGMMA``; the tile is the innermost loop around that (the forward's vocabulary
+    loop) or, without one (one tile per program), the whole kernel. A static count of the loop body
+    (the epilogue is straight-line code, unrolled over each thread's logits); it reproduces
+    ``../shared/HOPPER_STATIC.md``'s 25.6 / 42.7 instructions per logit for the eafe6c5 forward."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in _SASS_LINE.finditer(sass)]
+    loops = [
+        (int(b.group(1), 16), address) for address, text in code
+        if (b := _BACK_BRANCH.search(text)) and int(b.group(1), 16) < address
+    ]
+    mma = next((address for address, text in code if "HGMMA" in text), None)
+    if mma is None:
+        return None
+    inner = min((l for l in loops if l[0] <= mma <= l[1]), key=lambda l: l[1] - l[0])
+    around = [l for l in loops if l[0] < inner[0] and inner[1] < l[1]]
+    first, last = min(around, key=lambda l: l[1] - l[0]) if around else (code[0][0], code[-1][0])
+    body = [text for at, text in code if first <= at <= last and not inner[0] <= at <= inner[1]]
+    return len(body), sum("MUFU." in text for text in body)
 
 
 class _SkipInplaceMath(TorchDispatchMode):

@@ -1,23 +1,17 @@
 """One predicted number per design lever: the cost model on the launch plan with the lever, and on the same
-plan without it (``python -m benchmarks.lever_predictions [--report out.json]``, markdown to stdout).
-
-``--report`` takes the static report's JSON for the kernels' occupancy (CTAs/SM from registers and shared
-memory); without it every kernel is taken at 1 CTA/SM. Predictions from static facts, not measurements:
-``benchmarks/NOTES.md`` lists them for the first GPU session to check.
+plan without it, given the compiled kernels' facts (the static report prints these rows). Predictions
+from static facts, not measurements: ``benchmarks/NOTES.md`` lists them for the first GPU session to
+check.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
-from benchmarks.cost_model import Occupancy, predict
+from benchmarks.cost_model import H100, KernelFacts, predict
 from benchmarks.legacy_plans import BACKWARD_CONFIGS, legacy_backward_plan
-from benchmarks.static_report import HEADS, Head, occupancy, plans
+from benchmarks.plan_points import HEADS, Head, plans
 from wpo_kernels.kernels.launch_plan import PassPlan, backward_plan, forward_plan
 
 
@@ -81,15 +75,27 @@ LEVERS: list[tuple[str, str, tuple[int, ...], Callable[[PassPlan], PassPlan], bo
 ]
 
 
-def rows(occ: Occupancy) -> list[str]:
-    """Markdown rows: lever, head, N, pass, predicted ratio with / without, workspace with / without."""
-    out = []
+def _one_cta_per_sm(facts: KernelFacts) -> KernelFacts:
+    """The same facts with every kernel claiming over half an SM's shared memory: 1 CTA/SM."""
+    half = H100.shared_per_sm // 2
+    return KernelFacts({
+        key: [(s, dataclasses.replace(c, shared_bytes=max(c.shared_bytes, half))) for s, c in compiled]
+        for key, compiled in facts.entries.items()
+    })
+
+
+def lever_rows(facts: KernelFacts) -> list[str]:
+    """A markdown table: lever, head, N, pass, predicted ratio with / without, workspace with / without."""
+    out = [
+        "| lever | head | N | pass | ÷ cuBLAS with | without | workspace MiB with | without |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
     for lever, pass_name, tokens, without, one_cta in LEVERS:
         for (name, head), n in ((item, n) for item in HEADS.items() for n in tokens):
             plan = _pass(head, n, pass_name)
             other = without(plan)
-            with_lever = predict(plan, occupancy=occ)
-            without_lever = predict(other, occupancy=Occupancy() if one_cta else occ)
+            with_lever = predict(plan, facts=facts)
+            without_lever = predict(other, facts=_one_cta_per_sm(facts) if one_cta else facts)
             ratios = f"{with_lever.ratio:.2f} | {without_lever.ratio:.2f}"
             out.append(
                 f"| {lever} | {name} | {n} | {pass_name} | {ratios} "
@@ -101,18 +107,3 @@ def rows(occ: Occupancy) -> list[str]:
 def _pass(head: Head, n: int, pass_name: str) -> PassPlan:
     forward, backward = plans(head, n)
     return forward if pass_name == "forward" else backward
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--report", type=Path, help="static report JSON (kernel occupancy)")
-    args = parser.parse_args(argv)
-    occ = occupancy(json.loads(args.report.read_text())["kernels"]) if args.report else Occupancy()
-    print("| lever | head | N | pass | ÷ cuBLAS with | without | workspace MiB with | without |")
-    print("|---|---|---:|---|---:|---:|---:|---:|")
-    print("\n".join(rows(occ)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

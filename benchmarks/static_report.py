@@ -12,9 +12,12 @@ Kernels: the real launchers run on ``meta`` tensors at every plan point (``bench
 records their launches); each distinct launch specialisation is compiled once per shipped autotune
 config, for bf16, fp16 and fp32 (fp32 reaches a Triton kernel only with tf32 allowed, see
 ``wpo_kernels.autograd.resolve_backend``). Constexpr switches: all off and all on (``--all-switches``:
-every combination). ``registers``/``spill_bytes`` (stores + loads) are per thread from ptxas ``-v``;
-``wgmma``: every ``tl.dot`` became a Hopper warp-group MMA; ``atomics``: the PTX ``atom.*`` / ``red.*``
-forms. Plan: the Llama-3-8B and Gemma-2-9B heads at N = 1024, 4096, 16384, bf16, all five statistics,
+every combination), plus the plan points' own (bf16); a 256-column vocabulary slice adds the unsplit
+forward. ``registers``/``spill_bytes`` (stores + loads) are per thread from ptxas ``-v``; ``wgmma``:
+every ``tl.dot`` became a Hopper warp-group MMA; ``atomics``: the PTX ``atom.*`` / ``red.*`` forms. The
+markdown adds each variant's epilogue cost (SASS instructions and MUFU per logit, which the cost model
+uses) and the lever predictions (``benchmarks/lever_predictions.py``).
+Plan: the Llama-3-8B and Gemma-2-9B heads at N = 1024, 4096, 16384, bf16, all five statistics,
 no bias, ``sm_count`` 132; ``workspace_bytes`` from the plan, ``predicted_ratio`` from
 ``benchmarks/cost_model.py`` (a prediction from static facts, not a measurement).
 """
@@ -37,29 +40,21 @@ from typing import Any
 import torch
 import triton
 
-from benchmarks.cost_model import H100, Occupancy, predict
+from benchmarks.cost_model import CompiledKernel, Epilogue, KernelFacts, predict
 from benchmarks.launch_compile import CapturedLaunch, capture, compile_facts, launch_key, launch_source
+from benchmarks.lever_predictions import lever_rows
+from benchmarks.plan_points import HEADS, TOKENS, Head, plans
 from wpo_kernels.autograd import resolve_backend
 from wpo_kernels.kernels.backward import triton_linear_logprobs_backward
 from wpo_kernels.kernels.forward import triton_vocab_stats
-from wpo_kernels.kernels.launch_plan import PassPlan, TileConfig, backward_plan, forward_plan
+from wpo_kernels.kernels.launch_plan import TileConfig
 from wpo_kernels.types import LogitTransform
 
-
-@dataclass(frozen=True)
-class Head:
-    """An LM head: hidden size, vocabulary, final-logit softcap."""
-
-    hidden: int
-    vocab: int
-    softcap: float | None
-
-
-HEADS = {"Llama-3-8B": Head(4096, 128256, None), "Gemma-2-9B": Head(3584, 256000, 30.0)}
-TOKENS = (1024, 4096, 16384)
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 #: Launcher options that are constexpr switches of the kernels (HAS_BIAS, HAS_SOFTCAP, NEED_MEAN).
 SWITCH_OPTIONS = ("bias", "softcap", "need_mean")
+#: A 256-row vocabulary slice (e.g. a tensor-parallel shard): the forward runs unsplit.
+UNSPLIT_HEAD = Head(4096, 256, None)
 
 
 def triton_dtypes() -> list[torch.dtype]:
@@ -74,17 +69,6 @@ def triton_dtypes() -> list[torch.dtype]:
         ]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
-
-
-def plans(head: Head, n: int, dtype: torch.dtype = torch.bfloat16, *, bias: bool = False,
-          softcap: bool | None = None, need_mean: bool = True) -> tuple[PassPlan, PassPlan]:
-    """(forward, backward) plans of one call on ``head`` for an H100 (``H100.sm_count`` SMs)."""
-    has_softcap = head.softcap is not None if softcap is None else softcap
-    common = {"has_bias": bias, "has_softcap": has_softcap, "sm_count": H100.sm_count}
-    return (
-        forward_plan(n, head.vocab, head.hidden, dtype, need_mean=need_mean, **common),
-        backward_plan(n, head.vocab, head.hidden, dtype, **common),
-    )
 
 
 def captured_call(head: Head, n: int, dtype: torch.dtype, bias: bool, softcap: bool, need_mean: bool,
@@ -132,11 +116,21 @@ def compile_jobs(all_switches: bool = False) -> list[CompileJob]:
         list(itertools.product((False, True), repeat=len(SWITCH_OPTIONS)))
         if all_switches else [(False,) * len(SWITCH_OPTIONS), (True,) * len(SWITCH_OPTIONS)]
     )
-    # one large N too, forward only: there it needs no vocabulary split (its PARTIAL switch is off)
-    tokens = (*TOKENS, 2 * H100.sm_count * 256)
+    calls = [
+        (head, n, dtype, *switches, True)
+        for dtype, switches, head, n in itertools.product(triton_dtypes(), combos, HEADS.values(), TOKENS)
+    ]
+    # a vocabulary (slice) of one split granule, forward only: the plan's one case without a split (the
+    # kernel's PARTIAL switch off)
+    calls += [(UNSPLIT_HEAD, 1024, dtype, *switches, False)
+              for dtype, switches in itertools.product(triton_dtypes(), combos)]
+    # and the plan points' own switches (bf16, no bias, the head's softcap, all five statistics), whose
+    # facts the cost model reads
+    calls += [(head, n, torch.bfloat16, False, head.softcap is not None, True, True)
+              for head, n in itertools.product(HEADS.values(), TOKENS)]
     jobs: dict[tuple, CompileJob] = {}
-    for dtype, switches, head, n in itertools.product(triton_dtypes(), combos, HEADS.values(), tokens):
-        for launch in captured_call(head, n, dtype, *switches, backward=n in TOKENS):
+    for head, n, dtype, *switches, backward in calls:
+        for launch in captured_call(head, n, dtype, *switches, backward=backward):
             for config in launch.configs or [None]:
                 kwargs = {**launch.kwargs, **(config.all_kwargs() if config else {})}
                 key = (DTYPE_NAMES[dtype], *launch_key(launch.kernel, launch.args, kwargs))
@@ -174,22 +168,28 @@ def kernel_entries(jobs: list[CompileJob], workers: int) -> list[dict[str, Any]]
         return list(pool.map(_compile, range(len(jobs))))
 
 
-def occupancy(entries: list[dict[str, Any]]) -> Occupancy:
-    """Registers and shared memory per (plan kernel name, tile config), the worst over switches, of the
-    bf16 entries (the plan points' dtype). Kernel ``_x_kernel`` is the plan's ``x``."""
-    facts: dict[tuple[str, TileConfig], tuple[int, int]] = {}
+def kernel_facts(entries: list[dict[str, Any]]) -> KernelFacts:
+    """The cost model's view of the bf16 entries (the plan points' dtype): registers, shared memory and
+    epilogue cost per logit per (plan kernel name, tile config, switches). Kernel ``_x_kernel`` is the
+    plan's ``x``."""
+    facts: dict[tuple[str, TileConfig], list] = {}
     for e in entries:
         c = e["config"]
         if e["dtype"] != "bf16" or "BLOCK_V" not in c:
             continue
-        key = (e["name"].strip("_").removesuffix("_kernel"),
-               TileConfig(c["BLOCK_N"], c["BLOCK_V"], c["BLOCK_D"], c["num_warps"], c["num_stages"]))
-        old = facts.get(key, (0, 0))
-        facts[key] = (max(old[0], e["registers"]), max(old[1], e["shared_bytes"]))
-    return Occupancy(facts)
+        config = TileConfig(c["BLOCK_N"], c["BLOCK_V"], c["BLOCK_D"], c["num_warps"], c["num_stages"])
+        logits = config.block_n * config.block_v / (32 * config.num_warps)  # per thread per tile
+        epilogue = (
+            Epilogue(e["epilogue_instructions"] / logits, e["epilogue_mufu"] / logits)
+            if e["epilogue_instructions"] is not None else None
+        )
+        compiled = CompiledKernel(e["registers"], e["shared_bytes"], epilogue)
+        name = e["name"].strip("_").removesuffix("_kernel")
+        facts.setdefault((name, config), []).append((e["switches"], compiled))
+    return KernelFacts(facts)
 
 
-def plan_rows(occ: Occupancy) -> list[dict[str, Any]]:
+def plan_rows(facts: KernelFacts) -> list[dict[str, Any]]:
     """The plan at every (head, N): programs, workspace, predicted ratio to cuBLAS."""
     rows = []
     for (name, head), n in itertools.product(HEADS.items(), TOKENS):
@@ -197,36 +197,51 @@ def plan_rows(occ: Occupancy) -> list[dict[str, Any]]:
             rows.append({
                 "head": name, "n": n, "pass": plan.pass_name, "programs": plan.programs,
                 "sm_count": plan.sm_count, "workspace_bytes": plan.workspace_bytes,
-                "predicted_ratio": round(predict(plan, occupancy=occ).ratio, 4),
+                "predicted_ratio": round(predict(plan, facts=facts).ratio, 4),
             })
     return rows
 
 
-def markdown(report: dict[str, Any], seconds: float) -> str:
-    """The report as two markdown tables."""
+#: The fields of a kernel entry in the JSON (issue 10); the markdown adds the epilogue counts.
+JSON_FIELDS = (
+    "name", "dtype", "config", "switches", "registers", "spill_bytes", "shared_bytes", "wgmma", "atomics",
+)
+
+
+def markdown(
+    entries: list[dict[str, Any]], plan: list[dict[str, Any]], facts: KernelFacts, seconds: float
+) -> str:
+    """The report as markdown: kernels (with the epilogue's SASS per logit), plan rows, lever predictions."""
     lines = [
         f"# Static H100 report (triton {triton.__version__}, sm_90a, no GPU; {seconds:.0f} s)",
         "",
-        "Compiled with the launch specialisation; registers / spills per thread (ptxas -v). "
-        "Predicted ratios come from the cost model: predictions from static facts, not measurements.",
+        "Compiled with the launch specialisation; registers / spills per thread (ptxas -v); epilogue: SASS "
+        "instructions (MUFU) per logit outside the tensor-core loop. Predicted ratios come from the cost "
+        "model: predictions from static facts, not measurements.",
         "",
-        "| kernel | dtype | config | switches | regs | spill B | shared B | wgmma | atomics |",
-        "|---|---|---|---|---:|---:|---:|---|---|",
+        "| kernel | dtype | config | switches | regs | spill B | shared B | wgmma | atomics | epilogue |",
+        "|---|---|---|---|---:|---:|---:|---|---|---:|",
     ]
-    for k in report["kernels"]:
+    for k in entries:
         config = " ".join(f"{a}={b}" for a, b in k["config"].items() if a in _SHOWN_CONFIG)
         switches = " ".join(a for a, b in k["switches"].items() if b is True) or "-"
+        epilogue = "-"
+        if k["epilogue_instructions"] is not None:
+            logits = k["config"]["BLOCK_N"] * k["config"]["BLOCK_V"] / (32 * k["config"]["num_warps"])
+            epilogue = f"{k['epilogue_instructions'] / logits:.1f} ({k['epilogue_mufu'] / logits:.1f})"
         lines.append(
             f"| {k['name']} | {k['dtype']} | {config} | {switches} | {k['registers']} | {k['spill_bytes']} "
-            f"| {k['shared_bytes']:,} | {k['wgmma']} | {' '.join(k['atomics']) or '-'} |"
+            f"| {k['shared_bytes']:,} | {k['wgmma']} | {' '.join(k['atomics']) or '-'} | {epilogue} |"
         )
     lines += ["", "| head | N | pass | programs | SMs | workspace (MiB) | predicted ÷ cuBLAS |",
               "|---|---:|---|---:|---:|---:|---:|"]
-    for p in report["plan"]:
+    for p in plan:
         lines.append(
             f"| {p['head']} | {p['n']} | {p['pass']} | {p['programs']} | {p['sm_count']} "
             f"| {p['workspace_bytes'] / 2**20:.1f} | {p['predicted_ratio']:.2f} |"
         )
+    lines += ["", "One prediction per lever (the plan with it, the same plan without it):", ""]
+    lines += lever_rows(facts)
     return "\n".join(lines) + "\n"
 
 
@@ -243,10 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter skips code generation")
     start = time.perf_counter()
     entries = kernel_entries(compile_jobs(args.all_switches), args.workers)
-    report = {"kernels": entries, "plan": plan_rows(occupancy(entries))}
+    facts = kernel_facts(entries)
+    plan = plan_rows(facts)
+    report = {"kernels": [{f: e[f] for f in JSON_FIELDS} for e in entries], "plan": plan}
     args.json.write_text(json.dumps(report, indent=1) + "\n")
-    args.json.with_suffix(".md").write_text(markdown(report, time.perf_counter() - start))
-    print(f"{len(entries)} kernel variants, {len(report['plan'])} plan rows -> {args.json}")
+    args.json.with_suffix(".md").write_text(markdown(entries, plan, facts, time.perf_counter() - start))
+    print(f"{len(entries)} kernel variants, {len(plan)} plan rows -> {args.json}")
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.cost_model import H100, Occupancy, predict
+from benchmarks.cost_model import H100, CompiledKernel, KernelFacts, predict
 from benchmarks.legacy_plans import (
     BACKWARD_CONFIGS,
     FORWARD_CONFIGS,
@@ -77,8 +77,9 @@ def test_occupancy_matches_hopper_static_ctas_per_sm() -> None:
     ]
     for (bn, bv, bd, w, s), registers, shared, ctas in rows:
         config = TileConfig(bn, bv, bd, num_warps=w, num_stages=s)
-        assert Occupancy({("k", config): (registers, shared)}).ctas_per_sm("k", config) == ctas, config
-    assert Occupancy().ctas_per_sm("k", FWD_128x128) == 1  # unknown facts: the conservative 1
+        facts = KernelFacts({("k", config): [({}, CompiledKernel(registers, shared))]})
+        assert facts.ctas_per_sm("k", config) == ctas, config
+    assert KernelFacts().ctas_per_sm("k", FWD_128x128) == 1  # unknown facts: the conservative 1
 
 
 def test_the_model_reads_the_plan() -> None:

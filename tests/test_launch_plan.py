@@ -232,3 +232,16 @@ def test_autotuner_and_plan_drop_configs_that_cannot_launch() -> None:
                                 need_mean=False, sm_count=132)
             if kernel_name == "vocab_stats":
                 assert plan.launches[0].configs == tuple(fits)
+
+
+@pytest.mark.gpu
+def test_fp32_without_tf32_takes_the_cublas_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 CUDA inputs reach the Triton kernels only with tf32 allowed; otherwise the torch path."""
+    from wpo_kernels.autograd import resolve_backend
+
+    hidden = torch.zeros(4, 8, device="cuda")
+    for allowed, expected in ((False, "torch"), (True, "triton")):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allowed)
+        assert resolve_backend("auto", hidden) == expected
+        assert resolve_backend("triton", hidden) == expected
+    assert resolve_backend("auto", hidden.bfloat16()) == "triton"

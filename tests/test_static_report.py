@@ -108,6 +108,26 @@ def test_plan_promises_at_real_heads(report: dict) -> None:
     assert gemma["workspace_bytes"] <= GEMMA_16K_BACKWARD_BUDGET
 
 
+def test_epilogue_count_reads_the_tile_loop_around_the_mma_loop() -> None:
+    """Instructions of the innermost loop around the HGMMA loop, minus that loop; the whole kernel when
+    there is no such loop; nothing without HGMMA."""
+    from benchmarks.launch_compile import epilogue_counts
+
+    def sass(lines: list[str]) -> str:
+        return "\n".join(f"        /*{16 * i:04x}*/   {text} ;   /* 0x0 */" for i, text in enumerate(lines))
+
+    mma_loop = ["LDGSTS [R1], [R2]", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24", "@!P6 BRA 0x30"]
+    tile_loop = (
+        ["MOV R0, R1", "MOV R3, R4"] + mma_loop
+        + ["MUFU.EX2 R5, R6", "FADD R7, R5, R7", "@P0 MUFU.RCP R8, R8", "@!P2 BRA 0x10"]
+    )
+    assert epilogue_counts(sass(["S2R R0, SR_TID.X"] + tile_loop + ["EXIT"])) == (6, 2)
+    one_tile = ["S2R R0, SR_TID.X", "MOV R0, R1"] + mma_loop + ["MUFU.EX2 R5, R6", "STG.E [R2], R5", "EXIT"]
+    one_tile[4] = "@!P6 BRA 0x20"
+    assert epilogue_counts(sass(one_tile)) == (5, 1)
+    assert epilogue_counts(sass(["MOV R0, R1", "MUFU.EX2 R5, R6", "EXIT"])) is None
+
+
 SPECIALISATION_PROBE = textwrap.dedent("""
     import json, torch
     from benchmarks.launch_compile import capture, launch_key

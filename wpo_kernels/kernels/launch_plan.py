@@ -367,9 +367,10 @@ def _choose_vocab_splits(
 
     At least: ``2 * sm_count`` programs for every candidate config (the largest ``BLOCK_N`` decides),
     and ``cdiv(sm_count, GROUP_ROWS)`` splits when there are more row blocks than a group, so that a
-    wave of grouped programs spans few row blocks. Among up to twice that minimum, the count whose
-    worst candidate loses least to wave quantisation (``ceil(programs / sm_count)`` waves of
-    ``ceil(split_len / BLOCK_V)`` tiles, relative to the ideal ``rows·V / (sm_count·BLOCK_V)``).
+    wave of grouped programs spans few row blocks. Among up to four times that minimum, the count whose
+    worst candidate, at 1 or 2 resident programs per SM, loses least to wave quantisation
+    (``ceil(programs / wave)`` waves of ``ceil(split_len / BLOCK_V)`` tiles, relative to the ideal
+    ``rows·V / (wave·BLOCK_V)``).
     """
     most = cdiv(v, granule)
     rows_min = cdiv(max(n, 1), max(c.block_n for c in configs))
@@ -386,11 +387,12 @@ def _choose_vocab_splits(
         worst = 0.0
         for c in configs:
             rows = cdiv(max(n, 1), c.block_n)
-            steps = cdiv(rows * s, sm_count) * cdiv(split_len, c.block_v)
-            worst = max(worst, steps * sm_count * c.block_v / (rows * v))
+            for wave in (sm_count, 2 * sm_count):  # 1 or 2 resident programs per SM
+                steps = cdiv(rows * s, wave) * cdiv(split_len, c.block_v)
+                worst = max(worst, steps * wave * c.block_v / (rows * v))
         return worst
 
-    enough = [s for s in range(least, min(2 * least, most) + 1) if rows_min * actual(s) >= 2 * sm_count]
+    enough = [s for s in range(least, min(4 * least, most) + 1) if rows_min * actual(s) >= 2 * sm_count]
     return min(enough, key=lambda s: (loss(s), s)) if enough else most
 
 

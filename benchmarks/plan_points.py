@@ -1,0 +1,38 @@
+"""The points the static report and the lever predictions evaluate the launch plan at: the Llama-3-8B and
+Gemma-2-9B LM heads at N = 1024, 4096, 16384 tokens, bf16, all five statistics, no bias, on an H100."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.cost_model import H100
+from wpo_kernels.kernels.launch_plan import PassPlan, backward_plan, forward_plan
+
+
+@dataclass(frozen=True)
+class Head:
+    """An LM head: hidden size, vocabulary, final-logit softcap."""
+
+    hidden: int
+    vocab: int
+    softcap: float | None
+
+
+HEADS = {"Llama-3-8B": Head(4096, 128256, None), "Gemma-2-9B": Head(3584, 256000, 30.0)}
+TOKENS = (1024, 4096, 16384)
+
+
+def plans(
+    head: Head, n: int, dtype: torch.dtype = torch.bfloat16, *, bias: bool = False,
+    softcap: bool | None = None, need_mean: bool = True,
+) -> tuple[PassPlan, PassPlan]:
+    """(forward, backward) plans of one call on ``head`` for an H100 (``H100.sm_count`` SMs); by default
+    the plan point's own options (``softcap`` as the head has it)."""
+    has_softcap = head.softcap is not None if softcap is None else softcap
+    common = {"has_bias": bias, "has_softcap": has_softcap, "sm_count": H100.sm_count}
+    return (
+        forward_plan(n, head.vocab, head.hidden, dtype, need_mean=need_mean, **common),
+        backward_plan(n, head.vocab, head.hidden, dtype, **common),
+    )
