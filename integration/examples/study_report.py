@@ -77,12 +77,28 @@ def weight_table(weights: Sequence[Row]) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for w in weights:
-        kind = "scripted" if w["data"] == "scripted" else ("on-policy" if w["on_policy"] else "off-policy")
+        kind = "" if w["data"] == "scripted" else (" (on-policy)" if w["on_policy"] else " (off-policy)")
         lines.append(
-            f"| {w['model']} | {w['data']} ({kind}) | {w['pairs']} | {w['chosen_weight']:.3f} "
+            f"| {w['model']} | {w['data']}{kind} | {w['pairs']} | {w['chosen_weight']:.3f} "
             f"| {w['rejected_weight']:.3f} | {w['pair_weight']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def _method_colours(methods: Sequence[tuple[str, float]]) -> dict[tuple[str, float], Any]:
+    """DPO in blues and WPO in oranges (darker: larger learning rate), the ablation rows in other hues."""
+    import matplotlib.pyplot as plt
+
+    others = iter(plt.get_cmap("Set2")(range(8)))
+    colours = {}
+    for method, lr in methods:
+        family = {"DPO": "Blues", "WPO": "Oranges"}.get(method)
+        if family is None:
+            colours[method, lr] = next(others)
+            continue
+        lrs = sorted(x for m, x in methods if m == method)
+        colours[method, lr] = plt.get_cmap(family)(0.45 + 0.45 * lrs.index(lr) / max(1, len(lrs) - 1))
+    return colours
 
 
 def plot_study(rows: Sequence[Row], path: Path) -> Path:
@@ -96,7 +112,7 @@ def plot_study(rows: Sequence[Row], path: Path) -> Path:
     runs = [r for r in rows if r["data"] != "-"]
     cells = list(dict.fromkeys((r["model"], r["data"]) for r in runs))
     methods = list(dict.fromkeys((r["method"], r["lr"]) for r in runs))
-    colours = plt.get_cmap("tab20")(range(len(methods)))
+    colours = _method_colours(methods)
     fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [2.2, 1]})
     width = 0.8 / len(methods)
     labelled: set[tuple[str, float]] = set()
@@ -108,7 +124,7 @@ def plot_study(rows: Sequence[Row], path: Path) -> Path:
             r = match[0]
             lo, hi = r["ci95"]
             ax.bar(
-                x - 0.4 + (j + 0.5) * width, r["accuracy"], width, color=colours[j],
+                x - 0.4 + (j + 0.5) * width, r["accuracy"], width, color=colours[key],
                 yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]], capsize=2,
                 label=None if key in labelled else f"{key[0]} lr={key[1]:g}",
             )  # fmt: skip
@@ -135,7 +151,8 @@ def plot_study(rows: Sequence[Row], path: Path) -> Path:
     for label, marker, colour in (
         ("DPO", "o", "tab:blue"),
         ("WPO", "s", "tab:orange"),
-        ("other", "^", "tab:gray"),
+        ("ablation / scripted", "^", "tab:gray"),
+        ("continued SFT", "x", "tab:gray"),
     ):
         ax_kl.scatter([], [], marker=marker, color=colour, label=label)
     ax_kl.set_xlabel("KL(policy ‖ SFT start), nats per answer (Monte Carlo)")
