@@ -60,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=150, help="preference-training steps of every run")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per step")
     p.add_argument("--beta", type=float, default=0.5)
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4], help="learning-rate sweep")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4], help="learning-rate sweep")
     p.add_argument("--ablation-lr", type=float, default=None, help="lr of the ablation rows (last of --lrs)")
     p.add_argument("--eval-prompts", type=int, default=None, help="a random subset of the 8000 held-out")
     p.add_argument("--kl-prompts", type=int, default=1000, help="held-out prompts of the KL estimate")
