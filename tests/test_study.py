@@ -72,6 +72,7 @@ def test_study_end_to_end(tmp_path) -> None:
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
     md = (tmp_path / "report.md").read_text()
     for section in (
+        "## Summary",
         "## SFT starts",
         "## Model-generated pairs",
         "## Alignment ablation",

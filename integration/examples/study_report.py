@@ -70,6 +70,69 @@ def wpo_vs_dpo_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: Sequence[Row], weights: Sequence[Row], alpha: float = 0.05) -> list[str]:
+    """Findings read off the rows (Markdown bullets): WPO against DPO at the same learning rate and at no
+    more distance moved, runs against their SFT start and continued SFT, and the mean pair weights."""
+    out = []
+    paired = [r for r in rows if r["method"] == "WPO" and "p_wpo_vs_dpo" in r]
+    dpo = {(r["model"], r["data"], r["lr"]): r for r in rows if r["method"] == "DPO"}
+    better = [r for r in paired if r["accuracy"] > dpo[r["model"], r["data"], r["lr"]]["accuracy"]]
+    sig = lambda rs: sum(r["p_wpo_vs_dpo"] < alpha for r in rs)  # noqa: E731
+    worse = [r for r in paired if r not in better]
+    out.append(
+        f"- WPO vs DPO at the same learning rate: WPO higher in {len(better)} of {len(paired)} comparisons "
+        f"({sig(better)} with p < {alpha}), DPO higher or equal in {len(worse)} "
+        f"({sig(worse)} with p < {alpha})."
+    )
+    matched = []  # (WPO run, the best DPO run of its cell that moved no further)
+    for r in paired:
+        closer = [
+            d for d in dpo.values()
+            if (d["model"], d["data"]) == (r["model"], r["data"]) and d["kl_to_sft"] <= r["kl_to_sft"]
+        ]  # fmt: skip
+        if closer:
+            matched.append((r, max(closer, key=lambda d: d["accuracy"])))
+    dpo_wins = [(r, d) for r, d in matched if d["accuracy"] >= r["accuracy"]]
+    detail = "; ".join(
+        f"{r['model']} on {_cell(r)}: DPO lr {d['lr']:g} {d['accuracy']:.1%} at KL {d['kl_to_sft']:.3f} "
+        f"vs WPO lr {r['lr']:g} {r['accuracy']:.1%} at KL {r['kl_to_sft']:.3f}"
+        for r, d in dpo_wins
+    )
+    out.append(
+        "- At no more distance moved (the best DPO run of the same cell whose KL to SFT is ≤ the WPO run's): "
+        f"{len(matched)} of {len(paired)} WPO runs have such a DPO run; DPO is as good or better for "
+        f"{len(dpo_wins)} of them" + (f" ({detail})." if detail else ".")
+    )
+    sft = {r["model"]: r for r in rows if r["method"] == "SFT"}
+    cont = {r["model"]: r for r in rows if r["method"] == "continued SFT"}
+    prefs = [r for r in rows if r["data"] != "-"]
+    above = [r for r in prefs if r["accuracy"] > sft[r["model"]]["accuracy"] and r["p_vs_sft"] < alpha]
+    below = [r for r in prefs if r["accuracy"] < sft[r["model"]]["accuracy"] and r["p_vs_sft"] < alpha]
+    names = ", ".join(f"{r['model']} {r['method']} lr {r['lr']:g} on {_cell(r)}" for r in above)
+    out.append(
+        f"- Against the SFT start (p < {alpha}): {len(above)} of {len(prefs)} preference runs are better, "
+        f"{len(below)} worse" + (f"; the better ones: {names}." if names else ".")
+    )
+    for m in sft:
+        best = max((r for r in prefs if r["model"] == m), key=lambda r: r["accuracy"], default=None)
+        if best is not None and m in cont:
+            out.append(
+                f"- Model {m}: SFT start {sft[m]['accuracy']:.1%}, continued SFT (same steps) "
+                f"{cont[m]['accuracy']:.1%}, best preference run {best['accuracy']:.1%} "
+                f"({best['method']} lr {best['lr']:g} on {_cell(best)})."
+            )
+    kinds: dict[str, list[float]] = {}
+    for w in weights:
+        kind = "scripted" if w["data"] == "scripted" else "on-policy" if w["on_policy"] else "off-policy"
+        kinds.setdefault(kind, []).append(w["pair_weight"])
+    out.append(
+        "- Mean WPO pair weight under the SFT starts: "
+        + ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in kinds.items())
+        + "."
+    )
+    return out
+
+
 def weight_table(weights: Sequence[Row]) -> str:
     """Markdown table: mean WPO weights (sampled alignment) of each data source under each SFT model."""
     lines = [
@@ -201,6 +264,10 @@ def write_study_report(
         "start, its continued-SFT row, and WPO against DPO of the same cell and learning rate. KL: Monte "
         "Carlo estimate of KL(policy ‖ SFT start) per answer on held-out prompts (how far the model moved). "
         "Mean applied weight: WPO's pair weight during training (1 for DPO).",
+        "",
+        "## Summary (computed from the rows below)",
+        "",
+        *summary(rows, weights),
         "",
         "## SFT starts",
         "",
