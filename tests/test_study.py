@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("trl")
 
 from wpo_kernels.integration.examples.decoding import decode  # noqa: E402
+from wpo_kernels.integration.examples.evaluation import answer_kl  # noqa: E402
 from wpo_kernels.integration.examples.statistics import mcnemar_exact, wilson_interval  # noqa: E402
 from wpo_kernels.integration.examples.study import addition_records, main  # noqa: E402
 from wpo_kernels.integration.examples.toy_setup import build_model, load_pairs  # noqa: E402
@@ -118,3 +119,19 @@ def test_greedy_decode_matches_full_logits() -> None:
     expected = seq[:, 5:]
     done = torch.cumsum((expected == 1).int(), dim=1) - (expected == 1).int() > 0  # after an EOS: padding
     assert torch.equal(out, expected.masked_fill(done, 0))
+
+
+def test_answer_kl_is_the_exact_token_kl_along_the_answer() -> None:
+    policy = build_model("llama", 15, hidden_size=32, num_layers=1, seed=1).eval()
+    start = build_model("llama", 15, hidden_size=32, num_layers=1, seed=2).eval()
+    prompts = torch.randint(3, 15, (5, 4), generator=torch.Generator().manual_seed(0))
+    answers = torch.tensor([[5, 6, 1, 0], [7, 1, 0, 0], [8, 9, 10, 11], [1, 0, 0, 0], [3, 4, 5, 1]])
+    kl = answer_kl(policy, start, prompts, answers, eos_token_id=1)
+    with torch.no_grad():
+        ids = torch.cat([prompts, answers], dim=1)
+        logp, logq = (torch.log_softmax(m(ids).logits[:, 3:-1].double(), -1) for m in (policy, start))
+    lengths = [3, 2, 4, 1, 4]  # up to and including the EOS (token 1)
+    token_kl = (logp.exp() * (logp - logq)).sum(-1)
+    expected = torch.stack([token_kl[i, :n].sum() for i, n in enumerate(lengths)]).float()
+    assert torch.allclose(kl, expected, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(answer_kl(policy, policy, prompts, answers, eos_token_id=1), torch.zeros(5))

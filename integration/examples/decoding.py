@@ -15,7 +15,7 @@ from wpo_kernels.integration.hf import CausalLMHead, backbone_of, lm_head_of
 
 
 def head_logits(head: CausalLMHead, last_hidden: Tensor) -> Tensor:
-    """``[B, V]`` float32 logits of ``last_hidden`` (``[B, H]``) under ``head`` and its logit transform."""
+    """``[..., V]`` float32 logits of ``last_hidden`` (``[..., H]``) under ``head``, transform applied."""
     last = last_hidden.to(head.weight.dtype)
     logits = nn.functional.linear(last, head.weight, head.bias).float() * head.transform.logit_scale
     if head.transform.softcap is not None:

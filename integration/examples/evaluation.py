@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from wpo_kernels.integration.examples.decoding import decode
+from wpo_kernels.integration.examples.decoding import decode, head_logits
 from wpo_kernels.integration.hf import causal_lm_hidden_and_head
 
 
@@ -209,3 +209,37 @@ def greedy_answer_accuracy(
     return (
         greedy_correct(model, tokenizer, records, device=device, batch_size=batch_size).float().mean().item()
     )
+
+
+@torch.no_grad()
+def answer_kl(
+    policy: nn.Module,
+    start: nn.Module,
+    prompt_ids: Tensor,
+    answers: Tensor,
+    *,
+    eos_token_id: int,
+) -> Tensor:
+    """Per-prompt ``KL(policy ‖ start)`` in nats along answers sampled from ``policy``: the sum over the
+    answer's positions of the exact next-token KL, ``Σ_t KL(π(·|x, y<t) ‖ π_start(·|x, y<t))``. Its mean
+    over ``y ~ π`` is the sequence KL, with far less variance than ``log π(y) − log π_start(y)``.
+
+    Evaluation, not training: it takes the ``[B, n, V]`` distributions of the ``n`` answer positions.
+
+    Args:
+        prompt_ids: ``[B, P]`` long, equal-length prompts; answers: ``[B, n]`` long samples from ``policy``
+            (:func:`~wpo_kernels.integration.examples.decoding.decode`), padding after their EOS.
+
+    Returns:
+        ``[B]`` float32 on CPU.
+    """
+    ids = torch.cat([prompt_ids, answers], dim=1)
+    n = answers.shape[1]
+    after_eos = torch.cumsum((answers == eos_token_id).int(), dim=1) - (answers == eos_token_id).int()
+    scored = (after_eos == 0).float()  # positions up to and including the EOS
+    logp = []
+    for model in (policy, start):
+        hidden, head = causal_lm_hidden_and_head(model, {"input_ids": ids})
+        logp.append(torch.log_softmax(head_logits(head, hidden[:, -n - 1 : -1]), dim=-1))
+    per_token = (logp[0].exp() * (logp[0] - logp[1])).sum(-1)
+    return (per_token * scored).sum(-1).cpu()

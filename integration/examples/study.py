@@ -13,8 +13,9 @@ Design (issue 12):
    as a third data source (DPO and WPO on the first model, and in the weight table).
 4. Greedy answer accuracy on every two-digit addition prompt not among the training prompts (8000), with
    a 95% Wilson interval; McNemar's exact test against the run's SFT start, against its continued-SFT
-   row, and WPO against DPO of the same cell and learning rate; the distance each model moved: a Monte
-   Carlo estimate of KL(policy ‖ SFT start) per answer on held-out prompts (answers sampled from the policy).
+   row, and WPO against DPO of the same cell and learning rate; the distance each model moved:
+   KL(policy ‖ SFT start) per answer on held-out prompts (exact next-token KL summed along answers sampled
+   from the policy).
 5. The mean WPO pair weight (sampled alignment) of every data source under every SFT model.
 
 Writes ``report.md``, ``report.json`` and ``accuracy.png`` to ``--output-dir``. Every log-probability in
@@ -192,21 +193,30 @@ class Study:
 
         return greedy_correct(model, self.tokenizer, self.eval_records, device=self.device)
 
-    def kl_to(self, policy: torch.nn.Module, start: torch.nn.Module, seed: int) -> float:
-        """Monte Carlo ``KL(policy ‖ start)`` in nats per answer: ``mean log π(y|x) − log π_start(y|x)``
-        over one answer ``y`` sampled from the policy per held-out prompt (fused-head log-probs)."""
-        from wpo_kernels.integration.examples.preference_loop import sequence_statistics
+    def kl_to(
+        self, policy: torch.nn.Module, start: torch.nn.Module, seed: int = 0, batch: int = 1024
+    ) -> float:
+        """``KL(policy ‖ start)`` in nats per answer on the held-out KL prompts: one answer sampled from the
+        policy per prompt (the same seed for every policy), exact next-token KL summed along it
+        (:func:`~wpo_kernels.integration.examples.evaluation.answer_kl`)."""
+        from wpo_kernels.integration.examples.decoding import decode
+        from wpo_kernels.integration.examples.evaluation import answer_kl
 
-        samples = self._samples(policy, self.kl_answers, 1, seed)
-        pairs = [
-            {"prompt_ids": p, "chosen_ids": s[0], "rejected_ids": s[0]}
-            for (p, _), s in zip(self.kl_answers, samples, strict=True)
-        ]
-        score = lambda m: sequence_statistics(  # noqa: E731
-            m, pairs, pad_token_id=self.pad, device=self.device, alignment="none",
-            backend=self.args.kernel_backend,
-        ).chosen_logps  # fmt: skip
-        return (score(policy) - score(start)).mean().item()
+        g = torch.Generator().manual_seed(seed)
+        by_len: dict[int, list[list[int]]] = {}
+        for prompt, _ in self.kl_answers:
+            by_len.setdefault(len(prompt), []).append(prompt)
+        total, count = 0.0, 0
+        for prompts in by_len.values():
+            for i in range(0, len(prompts), batch):
+                ids = torch.tensor(prompts[i : i + batch], device=self.device)
+                answers = decode(
+                    policy, ids, ANSWER_TOKENS, eos_token_id=self.eos, pad_token_id=self.pad,
+                    temperature=1.0, generator=g,
+                )  # fmt: skip
+                total += answer_kl(policy, start, ids, answers, eos_token_id=self.eos).sum().item()
+                count += ids.shape[0]
+        return total / max(1, count)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -244,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         correct[len(rows)] = hits
         k, n = int(hits.sum()), hits.numel()
         row.update(accuracy=k / n, correct=k, n_eval=n, ci95=list(wilson_interval(k, n)))
-        row["kl_to_sft"] = 0.0 if start is None else study.kl_to(model, start, seed=len(rows))
+        row["kl_to_sft"] = 0.0 if start is None else study.kl_to(model, start)
         row["eval_s"] = time.perf_counter() - t
         rows.append(row)
         print(

@@ -218,7 +218,7 @@ def plot_study(rows: Sequence[Row], path: Path) -> Path:
         ("continued SFT", "x", "tab:gray"),
     ):
         ax_kl.scatter([], [], marker=marker, color=colour, label=label)
-    ax_kl.set_xlabel("KL(policy ‖ SFT start), nats per answer (Monte Carlo)")
+    ax_kl.set_xlabel("KL(policy ‖ SFT start), nats per answer")
     ax_kl.set_ylabel("held-out greedy answer accuracy")
     ax_kl.set_title("accuracy vs distance moved")
     ax_kl.grid(alpha=0.3)
@@ -261,8 +261,9 @@ def write_study_report(
         "",
         f"Held-out greedy answer accuracy on {n_eval} two-digit addition prompts never used in training "
         "(95% Wilson interval). p-values: McNemar's exact test on the same prompts, against the run's SFT "
-        "start, its continued-SFT row, and WPO against DPO of the same cell and learning rate. KL: Monte "
-        "Carlo estimate of KL(policy ‖ SFT start) per answer on held-out prompts (how far the model moved). "
+        "start, its continued-SFT row, and WPO against DPO of the same cell and learning rate. KL: "
+        "KL(policy ‖ SFT start) in nats per answer on held-out prompts, the exact next-token KL summed along "
+        "one answer sampled from the policy per prompt (how far the model moved). "
         "Mean applied weight: WPO's pair weight during training (1 for DPO).",
         "",
         "## Summary (computed from the rows below)",
