@@ -176,7 +176,7 @@ def plot_study(rows: Sequence[Row], path: Path) -> Path:
     cells = list(dict.fromkeys((r["model"], r["data"]) for r in runs))
     methods = list(dict.fromkeys((r["method"], r["lr"]) for r in runs))
     colours = _method_colours(methods)
-    fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [2.2, 1]})
     width = 0.8 / len(methods)
     labelled: set[tuple[str, float]] = set()
     for x, (model, data) in enumerate(cells):
@@ -204,7 +204,7 @@ def plot_study(rows: Sequence[Row], path: Path) -> Path:
     ax.set_ylim(max(0.0, min(accs) - 0.08), min(1.0, max(accs) + 0.05))
     ax.set_ylabel("held-out greedy answer accuracy")
     ax.set_title("accuracy per training cell and method (95% Wilson intervals)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     ax.grid(axis="y", alpha=0.3)
     markers = {"DPO": "o", "WPO": "s"}
     for r in rows:
@@ -215,7 +215,7 @@ def plot_study(rows: Sequence[Row], path: Path) -> Path:
         ("DPO", "o", "tab:blue"),
         ("WPO", "s", "tab:orange"),
         ("ablation / scripted", "^", "tab:gray"),
-        ("continued SFT", "x", "tab:gray"),
+        ("SFT start / continued SFT", "x", "tab:gray"),
     ):
         ax_kl.scatter([], [], marker=marker, color=colour, label=label)
     ax_kl.set_xlabel("KL(policy ‖ SFT start), nats per answer")
