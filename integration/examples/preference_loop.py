@@ -8,7 +8,7 @@ the frozen starting model, whose summed log-probs are computed once (:func:`sequ
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +17,6 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from wpo_kernels import fused_linear_wpo_loss, wpo_weights
 from wpo_kernels.integration.hf import causal_lm_hidden_and_head
-
-#: Kernel statistic each alignment needs (as ``fused_linear_logprobs`` names it).
-_ALIGNMENT_OUTPUT = {"none": (), "greedy": ("log_max_prob",), "sampled": ("log_sum_sq_probs",)}
 
 
 def _batch(collate: DataCollatorForPreference, examples: Sequence[dict], idx: Sequence[int], device: str):
@@ -59,34 +56,27 @@ def sequence_statistics(
     was_training = model.training
     model.eval()
     collate = DataCollatorForPreference(pad_token_id=pad_token_id)
-    parts: list[tuple[Tensor, Tensor]] = []
-    for start in range(0, len(examples), batch_size):
-        batch, labels = _batch(
-            collate, examples, range(start, min(start + batch_size, len(examples))), device
-        )
-        hidden, head = causal_lm_hidden_and_head(model, batch)
-        out = head.logprobs(hidden[:, :-1], labels, outputs=_ALIGNMENT_OUTPUT[alignment], backend=backend)
-        w = wpo_weights(out.logprobs, out.log_max_prob, out.log_sum_sq_probs, labels != -100, alignment)
-        parts.append((out.logprobs.sum(-1).cpu(), w.cpu()))
-    model.train(was_training)
-    logps, weights = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    n = len(examples)
-    # each collated batch is [chosen; rejected]: undo the interleaving batch by batch
     chosen_l, rejected_l, chosen_w, rejected_w = [], [], [], []
-    offset = 0
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        chosen_l.append(logps[offset : offset + b])
-        rejected_l.append(logps[offset + b : offset + 2 * b])
-        chosen_w.append(weights[offset : offset + b])
-        rejected_w.append(weights[offset + b : offset + 2 * b])
-        offset += 2 * b
+    for start in range(0, len(examples), batch_size):
+        idx = range(start, min(start + batch_size, len(examples)))
+        batch, labels = _batch(collate, examples, idx, device)
+        hidden, head = causal_lm_hidden_and_head(model, batch)
+        out = head.logprobs(
+            hidden[:, :-1], labels, outputs=("log_max_prob", "log_sum_sq_probs"), backend=backend
+        )
+        w = wpo_weights(out.logprobs, out.log_max_prob, out.log_sum_sq_probs, labels != -100, alignment)
+        logps, b = out.logprobs.sum(-1).cpu(), len(idx)  # each batch is [chosen; rejected]
+        chosen_l.append(logps[:b])
+        rejected_l.append(logps[b:])
+        chosen_w.append(w[:b].cpu())
+        rejected_w.append(w[b:].cpu())
+    model.train(was_training)
     return SequenceStats(
         torch.cat(chosen_l), torch.cat(rejected_l), torch.cat(chosen_w), torch.cat(rejected_w)
     )
 
 
-def warmup_cosine(steps: int) -> callable:
+def warmup_cosine(steps: int) -> Callable[[int], float]:
     """Learning-rate multiplier of step ``s``: linear warm-up over 10% of ``steps``, then cosine to 0."""
     warm = max(1, steps // 10)
     return lambda s: (
