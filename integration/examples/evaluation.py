@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from wpo_kernels.integration.examples.decoding import decode, head_logits
 from wpo_kernels.integration.hf import causal_lm_hidden_and_head
 
 
@@ -149,31 +150,96 @@ def evaluate_preferences(
     return result
 
 
+def tokenize_answers(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[dict[str, str]]
+) -> list[tuple[list[int], list[int]]]:
+    """``(prompt_ids, answer_ids)`` of each record's ``prompt`` and correct ``chosen`` answer (+ EOS)."""
+    eos = tokenizer.eos_token
+    out = []
+    for r in records:
+        prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        full = tokenizer(r["prompt"] + r["chosen"] + eos, add_special_tokens=False)["input_ids"]
+        out.append((prompt, full[len(prompt) :]))
+    return out
+
+
 @torch.no_grad()
+def greedy_correct(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[dict[str, str]],
+    *,
+    device: str,
+    batch_size: int = 2048,
+) -> Tensor:
+    """``[len(records)]`` bool: does the greedy continuation of each prompt equal its ``chosen`` answer
+    (and EOS) token for token (see :func:`~wpo_kernels.integration.examples.decoding.decode`)."""
+    was_training = model.training
+    model.eval()
+    groups: dict[int, list[int]] = {}
+    items = tokenize_answers(tokenizer, records)
+    for i, (prompt, _) in enumerate(items):
+        groups.setdefault(len(prompt), []).append(i)
+    correct = torch.zeros(len(items), dtype=torch.bool)
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            ids = torch.tensor([items[i][0] for i in chunk], device=device)
+            n_new = max(len(items[i][1]) for i in chunk)
+            out = decode(
+                model, ids, n_new, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+            ).tolist()
+            for i, row in zip(chunk, out, strict=True):
+                correct[i] = row[: len(items[i][1])] == items[i][1]
+    model.train(was_training)
+    return correct
+
+
 def greedy_answer_accuracy(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[dict[str, str]],
     *,
     device: str,
-    batch_size: int = 128,
+    batch_size: int = 2048,
 ) -> float:
-    """Fraction of prompts whose greedy continuation equals the chosen answer token for token (a plain
-    decoding loop; the last position's logits are ``[B, V]``, never ``[B, T, V]``)."""
-    groups: dict[int, list[tuple[list[int], list[int]]]] = {}
-    for ex in tokenize_pairs(tokenizer, records):
-        groups.setdefault(len(ex["prompt_ids"]), []).append((ex["prompt_ids"], ex["chosen_ids"]))
-    correct = total = 0
-    for items in groups.values():
-        for i in range(0, len(items), batch_size):
-            chunk = items[i : i + batch_size]
-            ids = torch.tensor([p for p, _ in chunk], device=device)
-            n_new = max(len(c) for _, c in chunk)
-            for _ in range(n_new):
-                hidden, head = causal_lm_hidden_and_head(model, {"input_ids": ids})
-                logits = nn.functional.linear(hidden[:, -1], head.weight.to(hidden.dtype), head.bias)
-                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-            for row, (p, c) in zip(ids.tolist(), chunk, strict=True):
-                correct += int(row[len(p) : len(p) + len(c)] == c)
-                total += 1
-    return correct / max(total, 1)
+    """Fraction of prompts whose greedy continuation equals the chosen answer (see :func:`greedy_correct`)."""
+    if not records:
+        return 0.0
+    return (
+        greedy_correct(model, tokenizer, records, device=device, batch_size=batch_size).float().mean().item()
+    )
+
+
+@torch.no_grad()
+def answer_kl(
+    policy: nn.Module,
+    start: nn.Module,
+    prompt_ids: Tensor,
+    answers: Tensor,
+    *,
+    eos_token_id: int,
+) -> Tensor:
+    """Per-prompt ``KL(policy ‖ start)`` in nats along answers sampled from ``policy``: the sum over the
+    answer's positions of the exact next-token KL, ``Σ_t KL(π(·|x, y<t) ‖ π_start(·|x, y<t))``. Its mean
+    over ``y ~ π`` is the sequence KL, with far less variance than ``log π(y) − log π_start(y)``.
+
+    Evaluation, not training: it takes the ``[B, n, V]`` distributions of the ``n`` answer positions.
+
+    Args:
+        prompt_ids: ``[B, P]`` long, equal-length prompts; answers: ``[B, n]`` long samples from ``policy``
+            (:func:`~wpo_kernels.integration.examples.decoding.decode`), padding after their EOS.
+
+    Returns:
+        ``[B]`` float32 on CPU.
+    """
+    ids = torch.cat([prompt_ids, answers], dim=1)
+    n = answers.shape[1]
+    after_eos = torch.cumsum((answers == eos_token_id).int(), dim=1) - (answers == eos_token_id).int()
+    scored = (after_eos == 0).float()  # positions up to and including the EOS
+    logp = []
+    for model in (policy, start):
+        hidden, head = causal_lm_hidden_and_head(model, {"input_ids": ids})
+        logp.append(torch.log_softmax(head_logits(head, hidden[:, -n - 1 : -1]), dim=-1))
+    per_token = (logp[0].exp() * (logp[0] - logp[1])).sum(-1)
+    return (per_token * scored).sum(-1).cpu()

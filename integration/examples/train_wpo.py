@@ -1,4 +1,8 @@
-"""The main job: offline WPO training of a small causal LM, with DPO side by side.
+"""The trainer demo: offline WPO training of a small causal LM through ``WPOTrainer``, with DPO side by side.
+
+This shows the plumbing (TRL trainer, fused head, report, curves), not what WPO is worth: on the shipped
+scripted pairs, with an under-trained SFT start and no control rows, its numbers say little about the
+method. ``wpo-study`` (:mod:`~wpo_kernels.integration.examples.study`) is the study that does.
 
 Everything is local: the preference pairs ship with the package (two-digit addition, correct vs wrong
 sum), the tokenizer is trained on them with ``tokenizers``, the model is a random-init ``transformers``
@@ -235,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nHeld-out results:\n" + results_table(evals))
     outputs = ", ".join(str(p) for p in (md_path, json_path, plot) if p is not None)
     print(f"\nTotal {runtimes['total']:.0f} s. Report: {outputs}")
+    print(
+        "Note: scripted pairs, one seed, no continued-SFT control: this run demonstrates the trainer, not "
+        "WPO's effect. `wpo-study` runs the controlled comparison."
+    )
     return 0
 
 
