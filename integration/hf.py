@@ -37,6 +37,7 @@ from wpo_kernels.distributed import (
     is_dtensor,
     is_zero3_partitioned,
 )
+from wpo_kernels.linear_logprobs import int64_targets
 
 __all__ = [
     "CausalLMHead",
@@ -337,7 +338,8 @@ def add_wpo_lm_head(
         head = lm_head_of(self, temperature=temperature)
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones.
         hidden = hidden[:, -labels.shape[1] : -1].to(head.weight.device)
-        targets = labels[:, 1:].to(head.weight.device)
+        # int64 before comparing: in uint8, token 156 equals -100 (mod 256)
+        targets = int64_targets(labels[:, 1:]).to(head.weight.device)
         mask = targets != -100
         per_token = head.logprobs(hidden[mask], targets[mask], outputs=wanted, backend=backend)
         extra = {name: _scatter(getattr(per_token, name), mask) for name in wanted if name != "logprobs"}

@@ -130,14 +130,17 @@ def _vocab_parallel_worker(rank: int, world_size: int, backend: str) -> None:
         w_local = weight[start:stop].to(device, dtype).requires_grad_()
         b_local = b[start:stop].to(device, dtype).requires_grad_() if b is not None else None
         y_local = targets.to(device)
+        # later cases hand over a strided bias shard and int32 targets (the entry copies / converts them)
+        strided = case_id > 0
+        b_arg = torch.stack([b_local, torch.zeros_like(b_local)], -1)[:, 0] if strided and bias else b_local
         out = vocab_parallel_linear_logprobs(
             h_local,
             w_local,
-            y_local,
+            y_local.to(torch.int32) if strided else y_local,
             vocab_start=start,
             vocab_size=v,
             process_group=dist.group.WORLD,
-            bias_shard=b_local,
+            bias_shard=b_arg,
             outputs=OUTPUT_NAMES,
             backend=backend,
             **opts,

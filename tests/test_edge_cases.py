@@ -403,3 +403,19 @@ def test_head_module_and_loss_module_take_narrow_targets_and_strided_tensors(bac
     plain = hidden.detach().contiguous()
     exact = loss_fn(lm_head.weight, plain, targets.long(), bias=lm_head.bias, **ref).loss
     assert rel_err(got, exact) < VALUE_RTOL[torch.float32]
+
+
+def test_patched_hf_model_takes_uint8_labels() -> None:
+    """``add_wpo_lm_head``'s label mask (``labels != -100``) is taken on int64 labels: a uint8 label 156
+    is a token, not an ignored position."""
+    transformers = pytest.importorskip("transformers")
+    from tests.helpers import tiny_decoder_config
+    from wpo_kernels.integration.hf import add_wpo_lm_head
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_decoder_config(300, 16)))
+    add_wpo_lm_head(model, backend="torch")
+    ids = torch.tensor([[5, 156, 200, 156, 7, 250]])
+    got = model(input_ids=ids, labels=ids.to(torch.uint8), wpo_head=True)
+    want = model(input_ids=ids, labels=ids, wpo_head=True)
+    assert bool(got.mask.all()) and torch.equal(got.logprobs, want.logprobs)
