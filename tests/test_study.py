@@ -12,7 +12,7 @@ pytest.importorskip("trl")
 
 from wpo_kernels.integration.examples.decoding import decode  # noqa: E402
 from wpo_kernels.integration.examples.evaluation import answer_kl  # noqa: E402
-from wpo_kernels.integration.examples.statistics import mcnemar_exact, wilson_interval  # noqa: E402
+from wpo_kernels.integration.examples.significance import mcnemar_exact, wilson_interval  # noqa: E402
 from wpo_kernels.integration.examples.study import addition_records, main  # noqa: E402
 from wpo_kernels.integration.examples.toy_setup import build_model, load_pairs  # noqa: E402
 

@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import logging as hf_logging
 
     from wpo_kernels.integration.examples.preference_loop import sequence_statistics, train_preferences
-    from wpo_kernels.integration.examples.statistics import mcnemar_exact, wilson_interval
+    from wpo_kernels.integration.examples.significance import mcnemar_exact, wilson_interval
     from wpo_kernels.integration.examples.study_report import plot_study, write_study_report
 
     hf_logging.set_verbosity_error()
