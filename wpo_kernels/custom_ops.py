@@ -99,11 +99,11 @@ def linear_logprobs_grads(
         need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight,
         fp32_grad_accumulation=fp32_grad_accumulation,
     )
-    none = hidden.new_empty(0)
+    # a custom op's outputs may not alias each other: a fresh empty tensor for each one not computed
     return (
-        dh.to(hidden.dtype) if need_grad_hidden else none,
-        dw.to(weight.dtype) if need_grad_weight else none,
-        db.to(bias.dtype) if bias is not None else none,
+        dh.to(hidden.dtype) if need_grad_hidden else hidden.new_empty(0),
+        dw.to(weight.dtype) if need_grad_weight else hidden.new_empty(0),
+        db.to(bias.dtype) if bias is not None else hidden.new_empty(0),
     )
 
 
@@ -112,11 +112,10 @@ def _(
     hidden, weight, bias, targets, lse, grad_logprobs, ignore_index, logit_scale, softcap, temperature,
     backend, fp32_grad_accumulation, need_grad_hidden, need_grad_weight,
 ):
-    none = hidden.new_empty(0)
     return (
-        torch.empty_like(hidden) if need_grad_hidden else none,
-        torch.empty_like(weight) if need_grad_weight else none,
-        torch.empty_like(bias) if bias is not None else none,
+        torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_grad_weight else hidden.new_empty(0),
+        torch.empty_like(bias) if bias is not None else hidden.new_empty(0),
     )
 
 
