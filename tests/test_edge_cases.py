@@ -419,3 +419,16 @@ def test_patched_hf_model_takes_uint8_labels() -> None:
     got = model(input_ids=ids, labels=ids.to(torch.uint8), wpo_head=True)
     want = model(input_ids=ids, labels=ids, wpo_head=True)
     assert bool(got.mask.all()) and torch.equal(got.logprobs, want.logprobs)
+
+
+def test_kernels_copy_a_layout_whose_column_offsets_pass_int32() -> None:
+    """The kernels form ``d × stride(1)`` in 32 bits: a transposed view whose last column lies past 2³¹
+    elements is copied to contiguous (meta tensors: no memory), every other layout is read in place."""
+    from wpo_kernels.kernels.logits_tile import INT32_OFFSET_LIMIT, addressable_columns
+
+    huge = torch.empty_strided((4, 3), (1, INT32_OFFSET_LIMIT // 2 + 1), device="meta")
+    assert addressable_columns(huge).stride() == (3, 1)
+    edge = torch.empty_strided((4, 3), (1, INT32_OFFSET_LIMIT // 2), device="meta")
+    assert addressable_columns(edge) is edge
+    transposed = torch.randn(5, 7).T
+    assert addressable_columns(transposed) is transposed

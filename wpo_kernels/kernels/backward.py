@@ -22,7 +22,13 @@ from wpo_kernels.kernels.launch_plan import (
     n_bucket,
     prune_to_launchable,
 )
-from wpo_kernels.kernels.logits_tile import dot_switches, interpreter_active, logits_tile, transform_args
+from wpo_kernels.kernels.logits_tile import (
+    addressable_columns,
+    dot_switches,
+    interpreter_active,
+    logits_tile,
+    transform_args,
+)
 from wpo_kernels.types import LogitTransform
 
 #: Autotune candidates on a GPU for the grad-logits kernel (one tile GEMM and an elementwise epilogue).
@@ -159,6 +165,7 @@ def triton_linear_logprobs_backward(
     slabs in fp32 and rounds once (by default ``dW`` is rounded once per slab, ``cdiv(N, slab_rows)``
     times). ``plan`` defaults to :func:`plan_for` these tensors.
     """
+    hidden, weight = addressable_columns(hidden), addressable_columns(weight)
     n, h = hidden.shape
     v = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype

@@ -23,7 +23,13 @@ from wpo_kernels.kernels.launch_plan import (
     n_bucket,
     prune_to_launchable,
 )
-from wpo_kernels.kernels.logits_tile import dot_switches, interpreter_active, logits_tile, transform_args
+from wpo_kernels.kernels.logits_tile import (
+    addressable_columns,
+    dot_switches,
+    interpreter_active,
+    logits_tile,
+    transform_args,
+)
 from wpo_kernels.types import LogitTransform, VocabStats
 
 #: Autotune candidates on a GPU (BLOCK_* >= 16 for tensor-core ``tl.dot``): the configs of the old
@@ -192,6 +198,7 @@ def triton_vocab_stats(
     """Launch the forward. hidden ``[N, H]``, weight ``[V, H]`` (fp16/bf16/fp32, any strides), bias
     ``[V]`` or None, targets ``[N]`` int (``vocab_start`` is the slice's first global row). ``plan``
     defaults to :func:`plan_for` these tensors. Returns :class:`VocabStats` of ``[N]`` fp32 tensors."""
+    hidden, weight = addressable_columns(hidden), addressable_columns(weight)
     n, d = hidden.shape
     v = weight.shape[0]
     k = 5 if need_mean_logit else 4

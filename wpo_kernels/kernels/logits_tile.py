@@ -37,6 +37,18 @@ def transform_args(transform: LogitTransform) -> dict[str, object]:
     }
 
 
+#: Largest element offset the kernels form in 32 bits: a hidden-unit index times the column stride.
+INT32_OFFSET_LIMIT = 2**31 - 1
+
+
+def addressable_columns(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[rows, D]`` as the kernels can address it. Row offsets are 64-bit, column offsets
+    (``d × t.stride(1)``) 32-bit, so a layout whose last column lies more than 2³¹ elements from its
+    first (a transposed view of a huge matrix) is copied to contiguous first; every other layout is
+    read in place through its strides."""
+    return t.contiguous() if (t.shape[1] - 1) * t.stride(1) > INT32_OFFSET_LIMIT else t
+
+
 @triton.jit
 def tanh_from_exp2x(e2x):
     """``tanh(x)`` from ``e2x = exp(2x)``: ``1 − 2 / (e2x + 1)`` with an approximate (2-ulp) reciprocal
