@@ -35,7 +35,8 @@ def _logits_chunk(
     if bias is not None:
         z += bias[start:stop].to(hidden.dtype)
     if transform.softcap is None:
-        return z.mul_(transform.logit_scale * transform.post_scale)
+        scale = transform.logit_scale * transform.post_scale
+        return z if scale == 1.0 else z.mul_(scale)
     z.mul_(transform.logit_scale / transform.softcap).tanh_()
     return z.mul_(transform.softcap * transform.post_scale)
 
@@ -73,15 +74,16 @@ def torch_vocab_stats(
         col = torch.where(in_chunk, y - start, 0).unsqueeze(1)
         z_y += torch.where(in_chunk, z.gather(1, col).squeeze(1), 0.0)
         # online rescale to the new running max (shift 0 for rows that are still all -inf)
-        m_new = torch.maximum(m, z.max(dim=1).values)
+        m_new = torch.maximum(m, z.amax(dim=1))
         shift = torch.where(m_new == float("-inf"), 0.0, m_new)
         alpha = torch.exp(m - shift)
-        e = torch.sub(z, shift[:, None]).exp_()
+        # in place unless the mean logit still needs z (an einsum here cost as much as the GEMM)
+        e = (torch.sub(z, shift[:, None]) if need_mean_logit else z.sub_(shift[:, None])).exp_()
         s1 = s1 * alpha + e.sum(1)
-        s2 = s2 * alpha * alpha + torch.einsum("nv,nv->n", e, e)
+        s2 = s2 * alpha * alpha + torch.linalg.vector_norm(e, dim=1).square_()
         if need_mean_logit:
             # e == 0 where z == -inf: clamp z so those terms are 0, not 0 * -inf
-            sz = sz * alpha + torch.einsum("nv,nv->n", e, z.clamp_(min=torch.finfo(z.dtype).min))
+            sz = sz * alpha + torch.linalg.vecdot(e, z.clamp_(min=torch.finfo(z.dtype).min))
         m = m_new
     return VocabStats(
         target_logit=z_y,
