@@ -42,12 +42,13 @@ def _logits_chunk(
 
 
 def _transform_derivative(z: Tensor, transform: LogitTransform) -> Tensor | float:
-    """``dz / dl`` from ``z`` itself: ``scale * (1 - tanh²)`` with ``tanh = z / (softcap / temperature)``."""
+    """``dz / dl`` from ``z`` itself: ``scale * (1 - tanh²)`` with ``tanh = z / (softcap / temperature)``,
+    in one pass (``scale - scale / c² · z²``)."""
     scale = transform.logit_scale * transform.post_scale
     if transform.softcap is None:
         return scale
-    tanh = z / (transform.softcap * transform.post_scale)
-    return tanh.square_().neg_().add_(1).mul_(scale)
+    cap = transform.softcap * transform.post_scale
+    return torch.addcmul(z.new_tensor(scale), z, z, value=-scale / (cap * cap))
 
 
 def torch_vocab_stats(
@@ -105,13 +106,19 @@ def torch_linear_logprobs_backward(
     *,
     vocab_start: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Chunked twin of :func:`wpo_kernels.kernels.backward.triton_linear_logprobs_backward`."""
+    """Chunked twin of :func:`wpo_kernels.kernels.backward.triton_linear_logprobs_backward`.
+
+    Each chunk forms the unit gradient ``u = (softmax(z) - onehot(y)) · dz/dl`` in place; the upstream
+    gradient is a per-token factor, applied once per call instead of once per logit:
+    ``dH = -g ⊙ Σ_chunks u @ W``, ``dW = uᵀ (-g ⊙ H)``, ``db = uᵀ (-g)``.
+    """
     n, v = hidden.shape[0], weight.shape[0]
     h = hidden.to(compute_dtype(hidden.dtype))
-    g = grad_logprobs.to(h.dtype)
+    neg_g = grad_logprobs.to(h.dtype).neg()
+    h_scaled = h * neg_g[:, None]
     y = targets.long() - vocab_start
-    rows = torch.arange(n, device=h.device)
-    dh = torch.zeros_like(h)
+    lse = lse.to(h.dtype)[:, None]
+    u_w = torch.zeros_like(h)  # Σ_chunks u @ W, scaled by -g at the end
     dw = h.new_empty((v, h.shape[1]))
     db = h.new_empty(v) if bias is not None else None
     step = chunk_size(n, v)
@@ -119,13 +126,15 @@ def torch_linear_logprobs_backward(
         stop = min(start + step, v)
         z = _logits_chunk(h, weight, bias, transform, start, stop)
         dz_dl = _transform_derivative(z, transform)
-        # d logp(y) / dz = onehot(y) - softmax(z), scaled by g, then through the transform (all in place)
-        dl = z.sub_(lse.to(h.dtype)[:, None]).exp_().mul_(-g[:, None])
+        u = z.sub_(lse).exp_()
+        # minus the one-hot of the targets in this chunk (a 0 added elsewhere): no host sync
         in_chunk = (y >= start) & (y < stop)
-        dl[rows[in_chunk], (y - start)[in_chunk]] += g[in_chunk]
-        dl.mul_(dz_dl)
-        dh.addmm_(dl, weight[start:stop].to(h.dtype))
-        torch.mm(dl.T, h, out=dw[start:stop])
+        u.scatter_add_(1, torch.where(in_chunk, y - start, 0)[:, None], -in_chunk.to(h.dtype)[:, None])
+        if not (isinstance(dz_dl, float) and dz_dl == 1.0):
+            u.mul_(dz_dl)
+        w_chunk = weight[start:stop].to(h.dtype)
+        u_w.addmm_(u, w_chunk)
+        torch.mm(u.T, h_scaled, out=dw[start:stop])
         if db is not None:
-            torch.sum(dl, 0, out=db[start:stop])
-    return dh, dw, db
+            torch.mv(u.T, neg_g, out=db[start:stop])
+    return u_w.mul_(neg_g[:, None]), dw, db
