@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from wpo_kernels.fallback import torch_linear_logprobs_backward, torch_vocab_stats
+from wpo_kernels.fallback import keeps_logits, torch_linear_logprobs_backward, torch_vocab_stats
 from wpo_kernels.kernels.backward import triton_linear_logprobs_backward
 from wpo_kernels.kernels.forward import triton_vocab_stats
 from wpo_kernels.kernels.logits_tile import interpreter_active
@@ -36,11 +36,17 @@ def vocab_stats(
     *,
     vocab_start: int = 0,
     need_mean_logit: bool = False,
+    kept_logits: list[Tensor] | None = None,
 ) -> VocabStats:
     """Raw per-token statistics (:class:`VocabStats`, ``[N]`` each) of ``weight``'s vocabulary slice
-    starting at ``vocab_start``, from the chosen backend; hidden ``[N, H]``, weight ``[V, H]``."""
-    impl = triton_vocab_stats if backend == "triton" else torch_vocab_stats
-    return impl(
+    starting at ``vocab_start``, from the chosen backend; hidden ``[N, H]``, weight ``[V, H]``.
+    ``kept_logits`` (torch fallback only): a list that receives the logits chunks for the backward."""
+    if backend == "torch":
+        return torch_vocab_stats(
+            hidden, weight, bias, targets, transform, vocab_start=vocab_start,
+            need_mean_logit=need_mean_logit, kept_logits=kept_logits,
+        )
+    return triton_vocab_stats(
         hidden, weight, bias, targets, transform, vocab_start=vocab_start, need_mean_logit=need_mean_logit
     )
 
@@ -57,12 +63,14 @@ def linear_logprobs_backward(
     *,
     vocab_start: int = 0,
     filter_eps: float | None = None,
+    kept_logits: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """fp32 ``(dH, dW, db)``; ``filter_eps`` (gradient filtering) applies to the Triton kernel only, the
-    torch fallback always computes the exact gradient."""
+    torch fallback always computes the exact gradient (from ``kept_logits`` when the forward kept them)."""
     if backend == "torch":
         return torch_linear_logprobs_backward(
-            hidden, weight, bias, targets, lse, grad_logprobs, transform, vocab_start=vocab_start
+            hidden, weight, bias, targets, lse, grad_logprobs, transform,
+            vocab_start=vocab_start, kept_logits=kept_logits,
         )
     return triton_linear_logprobs_backward(
         hidden, weight, bias, targets, lse, grad_logprobs, transform,
@@ -131,8 +139,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
         need_mean_logit: bool,
         grad_filter_eps: float | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        # small problems on the fallback keep their logits: the backward then skips the recompute GEMM
+        keep = backend == "torch" and keeps_logits(hidden.shape[0], weight.shape[0])
+        ctx.kept_logits = [] if keep else None
         stats = vocab_stats(
-            backend, hidden, weight, bias, targets, transform, need_mean_logit=need_mean_logit
+            backend, hidden, weight, bias, targets, transform,
+            need_mean_logit=need_mean_logit, kept_logits=ctx.kept_logits,
         )
         ctx.transform, ctx.backend, ctx.grad_filter_eps = transform, backend, grad_filter_eps
         return finish_forward(ctx, hidden, weight, bias, targets, stats, ignore_index, need_mean_logit)
@@ -143,6 +155,6 @@ class LinearLogprobsFunction(torch.autograd.Function):
         grad = kept_token_grad(grad_logprobs, targets, ctx.ignore_index, lse.dtype)
         dh, dw, db = linear_logprobs_backward(
             ctx.backend, hidden, weight, bias, targets, lse, grad, ctx.transform,
-            filter_eps=ctx.grad_filter_eps,
+            filter_eps=ctx.grad_filter_eps, kept_logits=ctx.kept_logits,
         )
         return (*input_grads(ctx, hidden, weight, bias, dh, dw, db), None, None, None, None, None, None)

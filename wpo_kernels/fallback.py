@@ -22,6 +22,12 @@ def chunk_size(n_tokens: int, vocab: int) -> int:
     return max(1, min(vocab, max(32, CHUNK_ELEMENTS // max(n_tokens, 1))))
 
 
+def keeps_logits(n_tokens: int, vocab: int) -> bool:
+    """Whether the forward keeps its logits for the backward instead of recomputing them with a GEMM:
+    when all ``N·V`` of them fit in four chunks (``4 · CHUNK_ELEMENTS``, 16 MiB in fp32)."""
+    return n_tokens * vocab <= 4 * CHUNK_ELEMENTS
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 for fp64 inputs (gradcheck), fp32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -60,8 +66,10 @@ def torch_vocab_stats(
     *,
     vocab_start: int = 0,
     need_mean_logit: bool = False,
+    kept_logits: list[Tensor] | None = None,
 ) -> VocabStats:
-    """Chunked twin of :func:`wpo_kernels.kernels.forward.triton_vocab_stats`."""
+    """Chunked twin of :func:`wpo_kernels.kernels.forward.triton_vocab_stats`; with a ``kept_logits``
+    list, each chunk's logits are appended to it for :func:`torch_linear_logprobs_backward`."""
     n, v = hidden.shape[0], weight.shape[0]
     h = hidden.to(compute_dtype(hidden.dtype))
     y = targets.long() - vocab_start
@@ -78,8 +86,11 @@ def torch_vocab_stats(
         m_new = torch.maximum(m, z.amax(dim=1))
         shift = torch.where(m_new == float("-inf"), 0.0, m_new)
         alpha = torch.exp(m - shift)
-        # in place unless the mean logit still needs z (an einsum here cost as much as the GEMM)
-        e = (torch.sub(z, shift[:, None]) if need_mean_logit else z.sub_(shift[:, None])).exp_()
+        if kept_logits is not None:
+            kept_logits.append(z)
+        # in place unless z is still needed
+        keep_z = need_mean_logit or kept_logits is not None
+        e = (torch.sub(z, shift[:, None]) if keep_z else z.sub_(shift[:, None])).exp_()
         s1 = s1 * alpha + e.sum(1)
         s2 = s2 * alpha * alpha + torch.linalg.vector_norm(e, dim=1).square_()
         if need_mean_logit:
@@ -105,8 +116,10 @@ def torch_linear_logprobs_backward(
     transform: LogitTransform,
     *,
     vocab_start: int = 0,
+    kept_logits: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Chunked twin of :func:`wpo_kernels.kernels.backward.triton_linear_logprobs_backward`.
+    """Chunked twin of :func:`wpo_kernels.kernels.backward.triton_linear_logprobs_backward`; the logits
+    come from ``kept_logits`` (the forward's chunks, left unchanged) when given, else are recomputed.
 
     Each chunk forms the unit gradient ``u = (softmax(z) - onehot(y)) · dz/dl`` in place; the upstream
     gradient is a per-token factor, applied once per call instead of once per logit:
@@ -122,11 +135,16 @@ def torch_linear_logprobs_backward(
     dw = h.new_empty((v, h.shape[1]))
     db = h.new_empty(v) if bias is not None else None
     step = chunk_size(n, v)
-    for start in range(0, v, step):
+    for index, start in enumerate(range(0, v, step)):
         stop = min(start + step, v)
-        z = _logits_chunk(h, weight, bias, transform, start, stop)
+        if kept_logits is None:
+            z = _logits_chunk(h, weight, bias, transform, start, stop)
+            u = z
+        else:
+            z = kept_logits[index]
+            u = torch.empty_like(z)
         dz_dl = _transform_derivative(z, transform)
-        u = z.sub_(lse).exp_()
+        u = torch.sub(z, lse, out=u).exp_()
         # minus the one-hot of the targets in this chunk (a 0 added elsewhere): no host sync
         in_chunk = (y >= start) & (y < stop)
         u.scatter_add_(1, torch.where(in_chunk, y - start, 0)[:, None], -in_chunk.to(h.dtype)[:, None])
