@@ -361,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["tag"] += "-quick" if args.quick else ""
     meta["dtype"] = str(dtype).removeprefix("torch.")
     meta["part"] = "+".join(args.heads) if args.heads else None
+    meta["min_repeats"], meta["interleaved"] = MIN_REPEATS, True
     log(f"benchmarks on {meta.get('gpu', meta['cpu'])} ({args.device}, {meta['dtype']}), {meta['versions']}")
 
     start = time.perf_counter()

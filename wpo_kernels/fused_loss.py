@@ -3,6 +3,11 @@
 For the common layout where the batch is ``[chosen; rejected]`` concatenated along the first dimension
 (as TRL's ``DPOTrainer`` and Liger's ``LigerFusedLinearDPOLoss`` lay it out). The ``[N, V]`` logits are
 never materialised, forward or backward.
+
+On the torch fallback (CPU) a paired loss with gradients runs in one GEMM pass
+(:mod:`wpo_kernels.fallback_step`): each pair's gradient is formed while its logits are in hand, and the
+loss's backward only scales it (:class:`LossWithGradients`). Elsewhere (Triton, KTO, no gradient) the
+per-token log-probs come from :func:`fused_linear_logprobs` and autograd does the rest.
 """
 
 from __future__ import annotations
@@ -204,7 +209,7 @@ def fused_linear_wpo_loss(
             chosen, rejected = (grad / half).tolist()  # L averages over the B pairs
             return chosen, rejected
 
-        with torch.no_grad():  # the gradients are formed by hand here
+        with torch.no_grad():  # the gradients are formed by hand in there
             step = one_pass_pair_step(
                 hidden,
                 weight,
@@ -220,7 +225,6 @@ def fused_linear_wpo_loss(
                     bias is not None and bias.requires_grad,
                 ),
             )
-        with torch.no_grad():
             out = loss_of(
                 step.logprobs.sum(dim=-1),
                 weights_of(step.logprobs, step.statistic, mask),
