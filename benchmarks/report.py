@@ -38,6 +38,12 @@ def header(result: dict) -> str:
     else:
         where = f"CPU {host}"
     interleaved = ", the implementations called in turn, round after round" if m.get("interleaved") else ""
+    load = ""
+    if m.get("load_before") and m.get("load_after"):
+        load = (
+            f"; load average (1, 5, 15 min) {', '.join(f'{x:.1f}' for x in m['load_before'])} before, "
+            f"{', '.join(f'{x:.1f}' for x in m['load_after'])} after"
+        )
     versions = " · ".join(f"{k} {val or '—'}" for k, val in v.items())
     return (
         f"# WPO kernels benchmark: {m['tag']}, {m['date']}\n\n"
@@ -52,7 +58,7 @@ def header(result: dict) -> str:
         f"`OOM`: out of memory; "
         f"`–`: not run (see *Skipped*)\n"
         f"- every implementation in the tables passed a check of values and gradients against the fp64 "
-        f"oracle before being timed; run took {m.get('wall_s', '?')} s\n"
+        f"oracle before being timed; run took {m.get('wall_s', '?')} s{load}\n"
     )
 
 

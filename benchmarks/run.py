@@ -365,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"benchmarks on {meta.get('gpu', meta['cpu'])} ({args.device}, {meta['dtype']}), {meta['versions']}")
 
     start = time.perf_counter()
+    meta["load_before"] = list(os.getloadavg())  # a shared machine: say how busy it was
     runner = Runner(
         args.device,
         suite,
@@ -402,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runner.run(on_head_done=checkpoint)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
+    meta["load_after"] = list(os.getloadavg())
     paths = write_outputs(result, args.out, plots=not args.no_plots)
     log("")
     log(paths[1].read_text())
