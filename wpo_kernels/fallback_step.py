@@ -14,8 +14,8 @@ coefficients come from ``pair_coefficients`` and ``dW += c·A_w + c'·A_l``. Tok
 
 Three GEMMs per kept token-vocabulary pair. Extra memory: one ``[R, V]`` block (two with a softcap), the
 kept rows of ``hidden`` and ``dH``, and two ``[V, H]`` accumulators (one while the first pair runs, whose
-chosen side accumulates straight into ``dW``). Computes in fp32 (fp64 for fp64 inputs), like the rest of
-the fallback.
+chosen side accumulates straight into ``dW``), and an fp32 copy of a half-precision weight. Computes in
+fp32 (fp64 for fp64 inputs), like the rest of the fallback.
 """
 
 from __future__ import annotations
