@@ -84,8 +84,8 @@ def test_logit_transform(backend, device):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
 def test_torch_step_in_blocks_of_two_tokens(monkeypatch, dtype, loss_type):
     """The torch backend's one-pass step (wpo_kernels/fallback_step.py) with every sequence split into
-    blocks of two tokens (CHUNK_ELEMENTS = 2·V), through the logit transform."""
-    monkeypatch.setattr("wpo_kernels.fallback.CHUNK_ELEMENTS", 2 * 37)
+    blocks of two tokens (2·V elements), through the logit transform."""
+    monkeypatch.setattr("wpo_kernels.fallback.block_elements", lambda: 2 * 37)
     _check_against_reference(
         dtype, "torch", "cpu", loss_type, "wpo", "greedy", seed=13, softcap=3.0, temperature=0.8
     )

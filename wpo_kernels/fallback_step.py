@@ -4,8 +4,8 @@ The two-pass route (forward statistics, then a backward that recomputes every lo
 logit: the forward, the recompute, ``dH`` and ``dW``. A paired loss ``L = mean_i[ω_i ℓ_i(π_w,i, π_l,i)]``
 (ω detached) lets the step skip the recompute: pair ``i``'s gradient with respect to its per-token
 log-probs is ``c_i`` on each kept token of its chosen sequence and ``c'_i`` on its rejected one, and
-``(c_i, c'_i)`` depend on that pair's two sequences alone. So the pair's sequences are walked in blocks of
-kept tokens against the whole vocabulary (``[R, V]`` with ``R·V ≤ CHUNK_ELEMENTS``, so every statistic is
+``(c_i, c'_i)`` depend on that pair's two sequences alone. So the pair's sequences are walked in blocks
+of kept tokens against the whole vocabulary (``[R, V]``, ``R·V`` ≤ one chunk, so every statistic is
 exact in one go); while a block's logits are in hand, the unit-coefficient gradient
 ``dl = (onehot(y) − softmax(z)) · dz/dl`` gives the block's ``dH`` rows (``dl @ W``) and is folded into a
 per-sequence accumulator ``A = Σ dlᵀ h`` of the weight gradient. Once both sequences are done, the pair's
@@ -48,8 +48,8 @@ class StepResult:
 
 
 def rows_per_block(vocab: int) -> int:
-    """Kept tokens per ``[R, V]`` logits block: ``CHUNK_ELEMENTS // V``, at least 1."""
-    return max(1, fallback.CHUNK_ELEMENTS // vocab)
+    """Kept tokens per ``[R, V]`` logits block: ``block_elements() // V``, at least 1."""
+    return max(1, fallback.block_elements() // vocab)
 
 
 def one_pass_pair_step(
