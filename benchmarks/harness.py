@@ -148,6 +148,20 @@ def _summarise(times_ms: list[float]) -> Timing:
     return Timing(statistics.median(times_ms), qs[0], qs[-1], min(times_ms), len(times_ms))
 
 
+def _timed_call(fn: Callable[[], object], cuda: bool) -> float:
+    """Milliseconds of one ``fn()``: CUDA events on a GPU, ``time.perf_counter`` on a CPU."""
+    if cuda:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_fn(
     fn: Callable[[], object],
     device: str,
@@ -161,28 +175,49 @@ def time_fn(
     """Median wall time of ``fn()``: ``warmup`` untimed calls, then repeats until both ``min_repeats``
     and ``budget_s`` seconds (or ``max_repeats``) are reached. Gradients of ``grad_to_none`` are reset
     before each call, outside the timed region."""
+    return time_interleaved(
+        [fn],
+        device,
+        grad_to_none=grad_to_none,
+        warmup=warmup,
+        min_repeats=min_repeats,
+        max_repeats=max_repeats,
+        budget_s=budget_s,
+    )[0]
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], object]],
+    device: str,
+    *,
+    grad_to_none: Sequence[Tensor] = (),
+    warmup: int = 1,
+    min_repeats: int = 5,
+    max_repeats: int = 50,
+    budget_s: float = 1.0,
+) -> list[Timing]:
+    """Median wall time of each of ``fns``, timed in rounds: every round calls each function once (the
+    order rotating from round to round), so that a change of load on a shared machine falls on all of
+    them alike. ``warmup`` untimed rounds, then rounds until both ``min_repeats`` and ``budget_s``
+    seconds of the whole (or ``max_repeats``) are reached. Gradients of ``grad_to_none`` are reset
+    before each call, outside the timed region."""
     cuda = device == "cuda"
     for _ in range(warmup):
-        _clear_grads(grad_to_none)
-        fn()
+        for fn in fns:
+            _clear_grads(grad_to_none)
+            fn()
     if cuda:
         torch.cuda.synchronize()
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(times) < min_repeats or (len(times) < max_repeats and time.perf_counter() - start < budget_s):
-        _clear_grads(grad_to_none)
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return _summarise(times)
+    rounds = 0
+    while rounds < min_repeats or (rounds < max_repeats and time.perf_counter() - start < budget_s):
+        for k in range(len(fns)):
+            i = (k + rounds) % len(fns)
+            _clear_grads(grad_to_none)
+            times[i].append(_timed_call(fns[i], cuda))
+        rounds += 1
+    return [_summarise(t) for t in times]
 
 
 @contextlib.contextmanager

@@ -37,12 +37,20 @@ def header(result: dict) -> str:
         where = f"{m['gpu']} ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']}); host CPU {host}"
     else:
         where = f"CPU {host}"
+    interleaved = ", the implementations called in turn, round after round" if m.get("interleaved") else ""
+    load = ""
+    if m.get("load_before") and m.get("load_after"):
+        load = (
+            f"; load average (1, 5, 15 min) {', '.join(f'{x:.1f}' for x in m['load_before'])} before, "
+            f"{', '.join(f'{x:.1f}' for x in m['load_after'])} after"
+        )
     versions = " · ".join(f"{k} {val or '—'}" for k, val in v.items())
     return (
         f"# WPO kernels benchmark: {m['tag']}, {m['date']}\n\n"
         f"- device: {where}\n"
         f"- versions: {versions} · Python {m['python']}\n"
-        f"- dtype {m['dtype']}; time: median wall time of ≥ 3 calls after a warm-up; memory: "
+        f"- dtype {m['dtype']}; time: median wall time of ≥ {m.get('min_repeats', 3)} calls after a "
+        f"warm-up{interleaved}; memory: "
         f"{m['memory_method']} (inputs excluded, outputs and gradients included)\n"
         f"- each cell: **time (× floor{', TFLOP/s' if m.get('gpu') else ''}) · peak memory**; the floor is "
         f"the fastest bare `h @ W.T` of the same shape (×3 with a backward: the forward GEMM and the two "
@@ -50,7 +58,7 @@ def header(result: dict) -> str:
         f"`OOM`: out of memory; "
         f"`–`: not run (see *Skipped*)\n"
         f"- every implementation in the tables passed a check of values and gradients against the fp64 "
-        f"oracle before being timed; run took {m.get('wall_s', '?')} s\n"
+        f"oracle before being timed; run took {m.get('wall_s', '?')} s{load}\n"
     )
 
 
@@ -133,6 +141,43 @@ def summary_table(result: dict) -> str:
     return "\n".join(lines) + "\n" if any_line else ""
 
 
+def fastest_alternative_table(result: dict) -> str:
+    """Ours against the fastest other implementation (and the lowest peak memory among them), at every
+    head, N and mode: the ratios ``ours ÷ fastest`` and ``ours ÷ lowest``."""
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    by_key: dict[tuple[str, int, str], dict[str, dict]] = defaultdict(dict)
+    for r in ok:
+        by_key[(r["head"], r["n_tokens"], r["mode"])][r["provider"]] = r
+    lines = [
+        "## Ours against the fastest alternative, every shape\n",
+        "Alternatives marked [DPO] compute the cheaper DPO step (no WPO weights); they are counted anyway.\n",
+        "| head | N | mode | ours ms | fastest alternative | its ms | ours ÷ fastest | ours MiB | "
+        "lowest alternative MiB | ours ÷ lowest |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    worst = 0.0
+    for mode in result["config"]["modes"]:
+        for (head, n, row_mode), cells in by_key.items():
+            others = [r for name, r in cells.items() if name != "ours"]
+            if row_mode != mode or "ours" not in cells or not others:
+                continue
+            ours = cells["ours"]
+            fastest = min(others, key=lambda r: r["time_ms"])
+            lowest = min(r["peak_mib"] for r in others)
+            ratio = ours["time_ms"] / fastest["time_ms"]
+            worst = max(worst, ratio)
+            name = fastest["provider"] + (" [DPO]" if fastest.get("loss") == "dpo" else "")
+            lines.append(
+                f"| {head} | {n} | {mode} | {_fmt_ms(ours['time_ms'])} | {name} | "
+                f"{_fmt_ms(fastest['time_ms'])} | {ratio:.2f} | {_fmt_mib(ours['peak_mib'])} | "
+                f"{_fmt_mib(lowest)} | {ours['peak_mib'] / max(lowest, 1e-9):.2f} |"
+            )
+    if worst == 0.0:
+        return ""
+    lines.append(f"\nLargest ours ÷ fastest: {worst:.2f}.")
+    return "\n".join(lines) + "\n"
+
+
 def skipped_list(result: dict) -> str:
     if not result["skipped"]:
         return ""
@@ -153,7 +198,8 @@ NOTES = """## Notes
   is the plain DPO loss [DPO]: a lower bound on what WPO would cost them. Liger takes no precomputed reference
   log-probs (it runs with `use_ref_model=False`) and has no logit softcap (Gemma-2 skipped).
 - TRL, as its `DPOTrainer` does, scores only the completion tokens in the step (1/8 of each sequence is
-  prompt); ours and the torch reference score every position and mask.
+  prompt); so does ours on a CPU (the torch fallback's one-pass step skips ignored tokens); the torch
+  reference and ours on a GPU score every position and mask.
 - The torch reference is `log_softmax` over materialised fp32 logits and `logsumexp(2 · log p)` (TRL's
   `use_weighting` formula before its chunked kernel).
 """
@@ -161,7 +207,7 @@ NOTES = """## Notes
 
 def markdown(result: dict) -> str:
     """The whole markdown report of ``result``."""
-    parts = [header(result), summary_table(result)]
+    parts = [header(result), summary_table(result), fastest_alternative_table(result)]
     parts += [mode_table(result, mode) for mode in result["config"]["modes"]]
     parts += [skipped_list(result), NOTES]
     return "\n".join(p for p in parts if p)

@@ -39,7 +39,7 @@ from benchmarks.harness import (
     make_step_inputs,
     matmul_floor,
     peak_memory,
-    time_fn,
+    time_interleaved,
 )
 from benchmarks.providers import MODES, Mode, Provider, all_providers
 from benchmarks.shapes import Head, Suite, suite_for
@@ -49,6 +49,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FLOP_FACTOR = {"forward": 2, "forward_backward": 6, "step": 6}
 #: How many bare ``h @ W.T`` make the floor of each mode.
 FLOOR_GEMMS = {"forward": 1, "forward_backward": 3, "step": 3}
+#: Timed calls per measurement, at least (the median is reported).
+MIN_REPEATS = 5
 
 
 def log(msg: str) -> None:
@@ -185,6 +187,8 @@ class Runner:
             n_tokens = n
         flops = FLOP_FACTOR[mode] * n_tokens * head.vocab * head.hidden
         floor_ms = FLOOR_GEMMS[mode] * floor.min_ms
+        rows: list[dict] = []
+        timed: list[tuple[dict, Callable[[], object]]] = []
         for p, errors in passed:
             row = {
                 "head": head.name,
@@ -199,6 +203,7 @@ class Runner:
                 "floor_ms": floor_ms,
                 "check": errors,
             }
+            rows.append(row)
             make = {
                 "forward": p.make_forward,
                 "forward_backward": p.make_forward_backward,
@@ -207,43 +212,53 @@ class Runner:
             try:
                 fn = make[mode](inputs)  # type: ignore[operator]
                 if self.device == "cuda":
-                    timing = time_fn(fn, self.device, grad_to_none=inputs.leaves, budget_s=self.budget_s)
-                    peak, retained = peak_memory(fn, self.device, grad_to_none=inputs.leaves)
-                else:
-                    # the (untimed) memory call is the warm-up; a cold first call on a CPU is only page
-                    # faults, which the median of the timed repeats would absorb anyway
-                    peak, retained = peak_memory(fn, self.device, grad_to_none=inputs.leaves)
-                    timing = time_fn(
-                        fn, self.device, grad_to_none=inputs.leaves, budget_s=self.budget_s, warmup=0
-                    )
+                    fn()  # autotuning, outside the memory measurement
+                # the (untimed) memory call is also each provider's warm-up
+                peak, retained = peak_memory(fn, self.device, grad_to_none=inputs.leaves)
             except torch.OutOfMemoryError:
                 row.update(status="oom", reason="out of memory")
             except Exception as e:
                 row.update(status="failed", reason=f"{type(e).__name__}: {e}")
             else:
-                row.update(
-                    status="ok",
-                    time_ms=timing.median_ms,
-                    time_p20_ms=timing.p20_ms,
-                    time_p80_ms=timing.p80_ms,
-                    repeats=timing.repeats,
-                    peak_mib=peak / MIB,
-                    retained_mib=retained / MIB,
-                    tflops=flops / (timing.median_ms * 1e-3) / 1e12,
-                    x_floor=timing.median_ms / floor_ms,
-                )
-            fn = None
+                row.update(peak_mib=peak / MIB, retained_mib=retained / MIB)
+                timed.append((row, fn))
             for t in inputs.leaves:
                 t.grad = None
             _free(self.device)
+        # every provider once per round, in rotating order: load changes fall on all of them alike
+        timings: list[Timing] = []
+        if timed:
+            timings = time_interleaved(
+                [fn for _, fn in timed],
+                self.device,
+                grad_to_none=inputs.leaves,
+                warmup=0,
+                min_repeats=MIN_REPEATS,
+                budget_s=self.budget_s * len(timed),
+            )
+        for (row, _), timing in zip(timed, timings, strict=True):
+            row.update(
+                status="ok",
+                time_ms=timing.median_ms,
+                time_p20_ms=timing.p20_ms,
+                time_p80_ms=timing.p80_ms,
+                repeats=timing.repeats,
+                tflops=flops / (timing.median_ms * 1e-3) / 1e12,
+                x_floor=timing.median_ms / floor_ms,
+            )
+        timed.clear()
+        for t in inputs.leaves:
+            t.grad = None
+        _free(self.device)
+        for row in rows:
             self.rows.append(row)
             if row["status"] == "ok":
                 log(
-                    f"  {head.name} N={n_tokens} {mode} {p.name}: {row['time_ms']:.2f} ms "
+                    f"  {head.name} N={n_tokens} {mode} {row['provider']}: {row['time_ms']:.2f} ms "
                     f"({row['x_floor']:.2f}x floor), {row['peak_mib']:.1f} MiB"
                 )
             else:
-                log(f"  {head.name} N={n_tokens} {mode} {p.name}: {row['status']}: {row['reason']}")
+                log(f"  {head.name} N={n_tokens} {mode} {row['provider']}: {row['status']}: {row['reason']}")
         del inputs
         _free(self.device)
 
@@ -304,7 +319,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--budget", type=float, help="seconds of timed repeats per measurement (>= 3 repeats)")
     ap.add_argument(
-        "--threads", type=int, help="torch CPU threads (default 1 on cpu: stable timings on a shared machine)"
+        "--threads",
+        type=int,
+        help="torch CPU threads (default 1 on cpu: stable timings on a shared machine; 0: torch's default, "
+        "the core count). Other than 1, the count joins the result names: cpu-t2-<date>.*",
     )
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
     ap.add_argument("--date", help="date in file names and header (default: today)")
@@ -331,18 +349,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     suite = suite_for(args.device, quick=args.quick, heads=tuple(args.heads) if args.heads else None)
     budget = args.budget if args.budget is not None else (0.05 if args.quick else 0.5)
-    threads = args.threads or (1 if args.device == "cpu" else None)
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else 0)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
 
     meta = machine_info(args.device, date=args.date)
-    meta["tag"] = device_tag(args.device) + ("-quick" if args.quick else "")
+    meta["tag"] = device_tag(args.device)
+    if args.device == "cpu" and torch.get_num_threads() != 1:
+        meta["tag"] += f"-t{torch.get_num_threads()}"
+    meta["tag"] += "-quick" if args.quick else ""
     meta["dtype"] = str(dtype).removeprefix("torch.")
     meta["part"] = "+".join(args.heads) if args.heads else None
+    meta["min_repeats"], meta["interleaved"] = MIN_REPEATS, True
     log(f"benchmarks on {meta.get('gpu', meta['cpu'])} ({args.device}, {meta['dtype']}), {meta['versions']}")
 
     start = time.perf_counter()
+    meta["load_before"] = list(os.getloadavg())  # a shared machine: say how busy it was
     runner = Runner(
         args.device,
         suite,
@@ -380,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runner.run(on_head_done=checkpoint)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
+    meta["load_after"] = list(os.getloadavg())
     paths = write_outputs(result, args.out, plots=not args.no_plots)
     log("")
     log(paths[1].read_text())

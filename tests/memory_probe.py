@@ -2,7 +2,8 @@
 
 Run as ``python -m tests.memory_probe N V H [--backward]``; prints JSON with the peak resident-set
 growth (bytes) over the inputs, and the size of the fp32 logits it avoids. Used by test_memory.py and
-for the number in the README.
+for the number in the README, both with ``MALLOC_MMAP_THRESHOLD_=1048576`` set (glibc's dynamic mmap
+threshold otherwise keeps freed blocks resident and the peak varies from run to run).
 """
 
 from __future__ import annotations

@@ -80,6 +80,17 @@ def test_logit_transform(backend, device):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
+def test_torch_step_in_blocks_of_two_tokens(monkeypatch, dtype, loss_type):
+    """The torch backend's one-pass step (wpo_kernels/fallback_step.py) with every sequence split into
+    blocks of two tokens (2·V elements), through the logit transform."""
+    monkeypatch.setattr("wpo_kernels.fallback.block_elements", lambda: 2 * 37)
+    _check_against_reference(
+        dtype, "torch", "cpu", loss_type, "wpo", "greedy", seed=13, softcap=3.0, temperature=0.8
+    )
+
+
 def test_reference_head_equals_precomputed_and_gets_no_gradient():
     h, w, b, ref_w, y = make_preference_batch(2, 6, 23, 8, dtype=torch.float64, seed=3)
     ref_h = (h + 0.1 * torch.randn_like(h)).requires_grad_()

@@ -120,6 +120,22 @@ def test_options(case: str, dtype: torch.dtype, backend: str, device: str) -> No
     check_against_reference(inputs, dtype, backend, **options)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", OPTION_CASES)
+def test_fallback_backward_from_kept_logits(
+    case: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback's backward from the logits chunks its forward kept (fallback.keeps_logits), in many
+    small chunks, against the reference."""
+    monkeypatch.setattr("wpo_kernels.linear_logprobs.keeps_logits", lambda n_tokens, vocab: True)
+    options = OPTION_CASES[case]
+    inputs = make_inputs(
+        29, 19, 83, dtype, "cpu", bias=True, n_ignored=5,
+        ignore_index=options.get("ignore_index", -100), weight_scale=4.0,
+    )
+    check_against_reference(inputs, dtype, "torch", **options)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_tokens_ignored(backend: str, device: str) -> None:
     inputs = make_inputs(6, 8, 20, torch.float32, device, bias=True, n_ignored=6)

@@ -3,16 +3,31 @@
 For the common layout where the batch is ``[chosen; rejected]`` concatenated along the first dimension
 (as TRL's ``DPOTrainer`` and Liger's ``LigerFusedLinearDPOLoss`` lay it out). The ``[N, V]`` logits are
 never materialised, forward or backward.
+
+On the torch fallback (CPU) a paired loss with gradients runs in one GEMM pass
+(:mod:`wpo_kernels.fallback_step`): each pair's gradient is formed while its logits are in hand, and the
+loss's backward only scales it (:class:`LossWithGradients`). Elsewhere (Triton, KTO, no gradient) the
+per-token log-probs come from :func:`fused_linear_logprobs` and autograd does the rest.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
-from wpo_kernels.autograd import BACKENDS, Backend
-from wpo_kernels.linear_logprobs import fused_linear_logprobs, int64_targets
+from wpo_kernels.autograd import BACKENDS, Backend, autocast_disabled, first_order_backward
+from wpo_kernels.fallback_step import one_pass_pair_step
+from wpo_kernels.linear_logprobs import (
+    checked_backend,
+    fused_linear_logprobs,
+    int64_targets,
+    needs_autograd,
+    validate_inputs,
+)
 from wpo_kernels.losses import _NEEDS_REF, WPOLossOutput, check_loss_options, wpo_loss
+from wpo_kernels.types import LogitTransform
 from wpo_kernels.weights import Alignment, parse_alignment, wpo_weights
 
 #: The per-token statistic each alignment needs from the kernel, besides ``logprobs``.
@@ -126,23 +141,6 @@ def fused_linear_wpo_loss(
             "or ref_weight (and ref_hidden), got none of them"
         )
 
-    policy = fused_linear_logprobs(
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        ignore_index=ignore_index,
-        outputs=_ALIGNMENT_OUTPUT[align],
-        backend=backend,
-        **transform,
-    )
-    mask = targets != ignore_index
-    weights = wpo_weights(
-        policy.logprobs, policy.log_max_prob, policy.log_sum_sq_probs, mask, align, clamp_max=clamp_max
-    )
-    logps = policy.logprobs.sum(dim=-1)
-    lengths = mask.sum(dim=-1)
-
     if ref_weight is not None and loss_type in _NEEDS_REF:
         ref_input = hidden if ref_hidden is None else ref_hidden
         with torch.no_grad():
@@ -157,25 +155,140 @@ def fused_linear_wpo_loss(
             )
         ref_chosen_logps, ref_rejected_logps = _halves(ref.logprobs.sum(dim=-1), half)
 
-    chosen_logps, rejected_logps = _halves(logps, half)
-    chosen_weight, rejected_weight = _halves(weights, half)
-    chosen_lengths, rejected_lengths = _halves(lengths, half)
-    return wpo_loss(
-        chosen_logps,
-        rejected_logps,
+    mask = targets != ignore_index
+    lengths = mask.sum(dim=-1)
+    statistic_name = _ALIGNMENT_OUTPUT[align][0] if _ALIGNMENT_OUTPUT[align] else None
+
+    def weights_of(logprobs: Tensor, statistic: Tensor | None, seq_mask: Tensor) -> Tensor:
+        stats = {"log_max_prob": None, "log_sum_sq_probs": None}
+        if statistic_name is not None:
+            stats[statistic_name] = statistic
+        return wpo_weights(
+            logprobs, stats["log_max_prob"], stats["log_sum_sq_probs"], seq_mask, align, clamp_max=clamp_max
+        )
+
+    def loss_of(
+        logps: Tensor, weights: Tensor, seq_lengths: Tensor, ref_c: Tensor | None, ref_r: Tensor | None
+    ) -> WPOLossOutput:
+        """The loss of ``[chosen; rejected]`` per-sequence log-probs ``logps`` and weights ``[2P]``."""
+        pairs = logps.shape[0] // 2
+        chosen_lengths, rejected_lengths = _halves(seq_lengths, pairs)
+        return wpo_loss(
+            *_halves(logps, pairs),
+            ref_c,
+            ref_r,
+            *_halves(weights, pairs),
+            loss_type=loss_type,
+            variant=variant,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            simpo_gamma=simpo_gamma,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            kto_kl=kto_kl,
+        )
+
+    if (
+        loss_type != "kto"
+        and half > 0
+        and needs_autograd(hidden, weight, bias)
+        and checked_backend(backend, hidden) == "torch"
+    ):
+        # the torch fallback: the gradient is formed while each block's logits are in hand
+        step_transform = LogitTransform(**transform)
+        validate_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, transform=step_transform)
+
+        def pair_coefficients(pair: int, logprobs: Tensor, statistic: Tensor | None) -> tuple[float, float]:
+            rows = [pair, half + pair]
+            seq_logps = logprobs.sum(dim=-1).requires_grad_()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the whole batch's weights warn below
+                weights = weights_of(logprobs, statistic, mask[rows])
+            with torch.enable_grad():
+                pair_loss = loss_of(
+                    seq_logps,
+                    weights,
+                    lengths[rows],
+                    _pick(ref_chosen_logps, pair),
+                    _pick(ref_rejected_logps, pair),
+                ).loss
+            (grad,) = torch.autograd.grad(pair_loss, seq_logps)
+            chosen, rejected = (grad / half).tolist()  # L averages over the B pairs
+            return chosen, rejected
+
+        # the gradients are formed by hand in there; autocast off, as in fused_linear_logprobs
+        with torch.no_grad(), autocast_disabled(hidden.device):
+            step = one_pass_pair_step(
+                hidden,
+                weight,
+                bias,
+                targets,
+                step_transform,
+                ignore_index,
+                statistic_name,
+                pair_coefficients,
+                need_grad=(
+                    hidden.requires_grad,
+                    weight.requires_grad,
+                    bias is not None and bias.requires_grad,
+                ),
+            )
+            out = loss_of(
+                step.logprobs.sum(dim=-1),
+                weights_of(step.logprobs, step.statistic, mask),
+                lengths,
+                ref_chosen_logps,
+                ref_rejected_logps,
+            )
+        loss = LossWithGradients.apply(
+            out.loss, hidden, weight, bias, step.grad_hidden, step.grad_weight, step.grad_bias
+        )
+        return WPOLossOutput(loss=loss, metrics=out.metrics)
+
+    policy = fused_linear_logprobs(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        ignore_index=ignore_index,
+        outputs=_ALIGNMENT_OUTPUT[align],
+        backend=backend,
+        **transform,
+    )
+    statistic = getattr(policy, statistic_name) if statistic_name is not None else None
+    return loss_of(
+        policy.logprobs.sum(dim=-1),
+        weights_of(policy.logprobs, statistic, mask),
+        lengths,
         ref_chosen_logps,
         ref_rejected_logps,
-        chosen_weight,
-        rejected_weight,
-        loss_type=loss_type,
-        variant=variant,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        simpo_gamma=simpo_gamma,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        kto_kl=kto_kl,
     )
+
+
+def _pick(per_pair: Tensor | None, pair: int) -> Tensor | None:
+    """``per_pair[pair : pair + 1]``, or None."""
+    return None if per_pair is None else per_pair[pair : pair + 1]
+
+
+class LossWithGradients(torch.autograd.Function):
+    """A loss whose input gradients were formed in its forward (:func:`one_pass_pair_step`): the backward
+    only scales them by the upstream gradient and casts them to the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss.clone()
+
+    @staticmethod
+    @first_order_backward
+    def backward(ctx, grad_loss: Tensor):
+        unit = bool(grad_loss == 1)
+        grads = tuple(
+            None if g is None or not needed else (g if unit else g * grad_loss).to(dtype)
+            for g, needed, dtype in zip(ctx.saved_tensors, ctx.needs_input_grad[1:4], ctx.dtypes, strict=True)
+        )
+        return (None, *grads, None, None, None)
 
 
 class FusedLinearWPOLoss(nn.Module):
