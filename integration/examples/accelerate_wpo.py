@@ -101,6 +101,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         history = [entry for entry in trainer.state.log_history if "loss" in entry]
         (args.output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         (args.output_dir / "engine.json").write_text(json.dumps(describe_engine(trainer)))
+    # an orderly end: every rank past its last collective, then the process group torn down here rather
+    # than at interpreter exit, where gloo's worker threads can abort the process ("terminate called
+    # without an active exception", seen once in a ZeRO-3 run after training had finished)
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def enable_fsdp_on_cpu() -> None:
