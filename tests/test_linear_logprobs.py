@@ -11,7 +11,6 @@ from wpo_kernels.reference import reference_linear_logprobs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = ["triton", "torch"]
-STATS = OUTPUT_NAMES[1:]
 
 # (N, H, V): single token, primes, H not a multiple of 16, V below / at / just past a block, ragged tiles
 SHAPES = [
