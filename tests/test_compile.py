@@ -117,12 +117,12 @@ def test_compiled_target_check_names_targets() -> None:
         call(inputs["hidden"], inputs["weight"], targets)
 
 
-@pytest.mark.parametrize("keep_logits", [False, True])
+@pytest.mark.parametrize("keep_exp", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_custom_op_registration(with_bias: bool, keep_logits: bool) -> None:
+def test_custom_op_registration(with_bias: bool, keep_exp: bool) -> None:
     """``torch.library.opcheck``: schema, fake implementation and autograd registration agree with the
-    real op (including under AOTAutograd), with and without the kept logits."""
+    real op (including under AOTAutograd), with and without the kept ``exp(z - max)`` (no softcap)."""
     inputs = make_inputs(10, 16, 21, torch.float32, "cpu", bias=with_bias, n_ignored=2)
     tensors = (inputs["hidden"], inputs["weight"], inputs["bias"], inputs["targets"])
-    args = (*tensors, -100, 1.0, 5.0, 0.7, "torch", True, False, keep_logits)
+    args = (*tensors, -100, 1.0, None if keep_exp else 5.0, 0.7, "torch", True, False, keep_exp)
     torch.library.opcheck(torch.ops.wpo_kernels.linear_logprobs.default, args)

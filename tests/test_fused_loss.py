@@ -47,10 +47,15 @@ def _check_against_reference(dtype, backend, device, loss_type, variant, alignme
         torch.testing.assert_close(g_.double().cpu(), w_, **TOL[dtype], msg=lambda m, n=name: f"d{n}: {m}")
 
 
+@pytest.mark.parametrize("route", ["kept_exp", "one_pass"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("alignment", ALIGNMENTS)
-def test_every_combination_torch_backend_fp64(loss_type, variant, alignment):
+def test_every_combination_torch_backend_fp64(monkeypatch, loss_type, variant, alignment, route):
+    """Both torch-backend routes: small problems through the log-probs op on the kept tokens (which keeps
+    exp(z - max)), larger ones through the one-pass step (KTO: the log-probs op, recomputing)."""
+    if route == "one_pass":
+        monkeypatch.setattr("wpo_kernels.fused_loss.keeps_exp", lambda n_tokens, vocab: False)
     seed = 100 * LOSS_TYPES.index(loss_type) + 10 * VARIANTS.index(variant) + ALIGNMENTS.index(alignment)
     _check_against_reference(torch.float64, "torch", "cpu", loss_type, variant, alignment, seed)
 

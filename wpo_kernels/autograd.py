@@ -43,6 +43,8 @@ def first_order_backward(backward: Callable[..., tuple]) -> Callable[..., tuple]
                 "differentiable. Call backward / torch.autograd.grad without create_graph=True (for a "
                 "gradient penalty, compute that term from wpo_kernels.reference instead)."
             )
+        if grad_logprobs is None:  # nothing flowed into logprobs (grads not materialised)
+            return backward(ctx, grad_logprobs, *grads)
         with autocast_disabled(grad_logprobs.device):
             return backward(ctx, grad_logprobs, *grads)
 
@@ -78,15 +80,16 @@ def vocab_stats(
     *,
     vocab_start: int = 0,
     need_mean_logit: bool = False,
-    kept_logits: list[Tensor] | None = None,
+    kept_exp: list[Tensor] | None = None,
 ) -> VocabStats:
     """Raw per-token statistics (:class:`VocabStats`, ``[N]`` each) of ``weight``'s vocabulary slice
     starting at ``vocab_start``, from the chosen backend; hidden ``[N, H]``, weight ``[V, H]``.
-    ``kept_logits`` (torch fallback only): a list that receives the logits chunks for the backward."""
+    ``kept_exp`` (torch fallback only, no softcap): a list that receives ``exp(z - max_logit)``
+    ``[N, V]`` for the backward."""
     if backend == "torch":
         return torch_vocab_stats(
             hidden, weight, bias, targets, transform, vocab_start=vocab_start,
-            need_mean_logit=need_mean_logit, kept_logits=kept_logits,
+            need_mean_logit=need_mean_logit, kept_exp=kept_exp,
         )
     return triton_vocab_stats(
         hidden, weight, bias, targets, transform, vocab_start=vocab_start, need_mean_logit=need_mean_logit
@@ -108,17 +111,18 @@ def linear_logprobs_backward(
     need_grad_weight: bool = True,
     grad_hidden_fp32: bool = False,
     fp32_grad_accumulation: bool = False,
-    kept_logits: Tensor | None = None,
+    kept_exp: Tensor | None = None,
+    max_logit: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dH, dW, db)`` from the chosen backend: the Triton path returns them in the parameters' dtypes
     (``dH`` in fp32 with ``grad_hidden_fp32``; None where not needed), the torch fallback in its compute
     dtype (fp32, fp64 for fp64 inputs); :func:`input_grads` casts. ``fp32_grad_accumulation`` applies
-    to the Triton path (the fallback always accumulates in fp32); ``kept_logits`` ``[N, V]`` to the
-    fallback, which then skips its recompute GEMM."""
+    to the Triton path (the fallback always accumulates in fp32); ``kept_exp`` ``[N, V]`` (with the
+    forward's ``max_logit``) to the fallback, which then skips its recompute GEMM."""
     if backend == "torch":
         return torch_linear_logprobs_backward(
             hidden, weight, bias, targets, lse, grad_logprobs, transform,
-            vocab_start=vocab_start, kept_logits=kept_logits,
+            vocab_start=vocab_start, kept_exp=kept_exp, max_logit=max_logit,
         )
     return triton_linear_logprobs_backward(
         hidden, weight, bias, targets, lse, grad_logprobs, transform,

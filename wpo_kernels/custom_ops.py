@@ -3,17 +3,18 @@ through them (``fullgraph=True``, no graph break) and autograd, ``torch.compile`
 one op per direction:
 
 - ``wpo_kernels::linear_logprobs``: ``(hidden [N, H], weight [V, H], bias [V]?, targets [N])`` →
-  ``(logprobs, max_logit, lse, lse2, mean_logit, kept_logits)``, each ``[N]`` (``mean_logit`` ``[0]``
-  unless requested), fp32 (fp64 for fp64 inputs); only ``logprobs`` is differentiable. ``kept_logits``
-  is ``[N, V]`` when ``keep_logits`` (small problems on the torch fallback,
-  :func:`wpo_kernels.fallback.keeps_logits`: the backward then skips its recompute GEMM), else ``[0]``;
+  ``(logprobs, max_logit, lse, lse2, mean_logit, kept_exp)``, each ``[N]`` (``mean_logit`` ``[0]``
+  unless requested), fp32 (fp64 for fp64 inputs); only ``logprobs`` is differentiable. ``kept_exp``
+  is ``exp(z - max_logit)`` ``[N, V]`` when ``keep_exp`` (small problems on the torch fallback without
+  a softcap, :func:`wpo_kernels.fallback.keeps_exp`: the backward then skips its recompute GEMM and
+  every pass over the logits), else ``[0]``;
 - ``wpo_kernels::linear_logprobs_backward``: ``(dH, dW, db)`` in the inputs' dtypes (``[0]`` where
   that gradient is not needed, ``db`` ``[0]`` without a bias).
 
 Both run the backend chosen by :func:`wpo_kernels.autograd.resolve_backend` (the Triton kernels on CUDA
 and in the interpreter, the chunked torch fallback otherwise); their fake implementations give the
-output shapes without computing. The backward saves the inputs and ``lse`` (and the kept logits, at most
-16 MiB, when asked for), nothing else ``[N, V]``.
+output shapes without computing. The backward saves the inputs, ``max_logit`` and ``lse`` (and
+``kept_exp``, at most 16 MiB, when asked for), nothing else ``[N, V]``.
 Double backward is refused with an error (:func:`wpo_kernels.autograd.first_order_backward`).
 """
 
@@ -49,28 +50,25 @@ def linear_logprobs(
     backend: str,
     need_mean_logit: bool,
     fp32_grad_accumulation: bool,
-    keep_logits: bool,
+    keep_exp: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(logprobs, max_logit, lse, lse2, mean_logit, kept_logits)`` for flat ``hidden [N, H]``,
+    """``(logprobs, max_logit, lse, lse2, mean_logit, kept_exp)`` for flat ``hidden [N, H]``,
     ``weight [V, H]``, ``bias [V]`` or None and ``targets [N]`` (validated by the caller). ``backend`` is
-    ``"triton"`` or ``"torch"``; ``fp32_grad_accumulation`` is used by the backward only; ``keep_logits``
-    only with ``"torch"``.
+    ``"triton"`` or ``"torch"``; ``fp32_grad_accumulation`` is used by the backward only; ``keep_exp``
+    only with ``"torch"`` and no ``softcap``.
 
     Example:
         >>> logprobs, *stats = torch.ops.wpo_kernels.linear_logprobs(
         ...     h, w, None, y, -100, 1.0, None, 1.0, "torch", False, False, False)
     """
     transform = LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
-    chunks = [] if keep_logits else None
+    kept = [] if keep_exp else None
     stats = vocab_stats(
-        backend, hidden, weight, bias, targets, transform, need_mean_logit=need_mean_logit, kept_logits=chunks
+        backend, hidden, weight, bias, targets, transform, need_mean_logit=need_mean_logit, kept_exp=kept
     )
     mean_logit = stats.mean_logit if need_mean_logit else stats.lse.new_empty(0)
     logprobs = target_logprobs(stats, targets, ignore_index)
-    if not chunks:
-        kept = stats.lse.new_empty(0)
-    else:
-        kept = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+    kept = kept[0] if kept else stats.lse.new_empty(0)
     # a custom op's outputs may not alias each other; a backend may return views of one buffer ([N] each)
     return logprobs, *(t.clone() for t in (stats.max_logit, stats.lse, stats.lse2, mean_logit)), kept
 
@@ -78,11 +76,11 @@ def linear_logprobs(
 @linear_logprobs.register_fake
 def _(
     hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature, backend, need_mean_logit,
-    fp32_grad_accumulation, keep_logits,
+    fp32_grad_accumulation, keep_exp,
 ):
     n, dtype = hidden.shape[0], compute_dtype(hidden.dtype)
     per_token = [hidden.new_empty(n, dtype=dtype) for _ in range(4)]
-    kept = hidden.new_empty((n, weight.shape[0]) if keep_logits else (0,), dtype=dtype)
+    kept = hidden.new_empty((n, weight.shape[0]) if keep_exp else (0,), dtype=dtype)
     return (*per_token, hidden.new_empty(n if need_mean_logit else 0, dtype=dtype), kept)
 
 
@@ -92,9 +90,10 @@ def linear_logprobs_grads(
     weight: Tensor,
     bias: Optional[Tensor],  # noqa: UP045
     targets: Tensor,
+    max_logit: Tensor,
     lse: Tensor,
     grad_logprobs: Tensor,
-    kept_logits: Tensor,
+    kept_exp: Tensor,
     ignore_index: int,
     logit_scale: float,
     softcap: Optional[float],  # noqa: UP045
@@ -105,15 +104,16 @@ def linear_logprobs_grads(
     need_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dH [N, H], dW [V, H], db [V])`` of ``Σ grad_logprobs · logprobs``, in the inputs' dtypes, each
-    ``[0]`` where not needed (``db`` without a bias); ignored tokens contribute nothing. ``kept_logits``:
-    the forward's ``[N, V]`` logits, or ``[0]`` to recompute them."""
+    ``[0]`` where not needed (``db`` without a bias); ignored tokens contribute nothing. ``kept_exp``:
+    the forward's ``exp(z - max_logit)`` ``[N, V]``, or ``[0]`` to recompute the logits."""
     transform = LogitTransform(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
     grad = kept_token_grad(grad_logprobs, targets, ignore_index, lse.dtype)
     dh, dw, db = linear_logprobs_backward(
         backend, hidden, weight, bias, targets, lse, grad, transform,
         need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight,
         fp32_grad_accumulation=fp32_grad_accumulation,
-        kept_logits=kept_logits if kept_logits.dim() == 2 else None,
+        kept_exp=kept_exp if kept_exp.dim() == 2 else None,
+        max_logit=max_logit,
     )
     # a custom op's outputs may not alias each other: a fresh empty tensor for each one not computed
     return (
@@ -125,8 +125,8 @@ def linear_logprobs_grads(
 
 @linear_logprobs_grads.register_fake
 def _(
-    hidden, weight, bias, targets, lse, grad_logprobs, kept_logits, ignore_index, logit_scale, softcap,
-    temperature, backend, fp32_grad_accumulation, need_grad_hidden, need_grad_weight,
+    hidden, weight, bias, targets, max_logit, lse, grad_logprobs, kept_exp, ignore_index, logit_scale,
+    softcap, temperature, backend, fp32_grad_accumulation, need_grad_hidden, need_grad_weight,
 ):
     return (
         torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
@@ -138,17 +138,22 @@ def _(
 def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature, backend = inputs[:9]
     fp32 = inputs[10]
-    ctx.save_for_backward(hidden, weight, bias, targets, output[2], output[5])
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1], output[2], output[5])
     ctx.options = (ignore_index, logit_scale, softcap, temperature, backend, fp32)
     ctx.mark_non_differentiable(*output[1:])
+    # no zero gradients materialised for the non-differentiable outputs (kept_exp is [N, V])
+    ctx.set_materialize_grads(False)
 
 
 @first_order_backward
 def _backward(ctx, grad_logprobs: Tensor, *unused: Tensor):
-    hidden, weight, bias, targets, lse, kept_logits = ctx.saved_tensors
+    if grad_logprobs is None:
+        return (None,) * 12
+    hidden, weight, bias, targets, max_logit, lse, kept_exp = ctx.saved_tensors
     wanted = ctx.needs_input_grad
     dh, dw, db = linear_logprobs_grads(
-        hidden, weight, bias, targets, lse, grad_logprobs, kept_logits, *ctx.options, wanted[0], wanted[1]
+        hidden, weight, bias, targets, max_logit, lse, grad_logprobs, kept_exp, *ctx.options, wanted[0],
+        wanted[1],
     )
     return (
         dh if wanted[0] else None,

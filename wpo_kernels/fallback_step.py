@@ -12,7 +12,7 @@ per-sequence accumulator ``A = Σ dlᵀ h`` of the weight gradient. Once both se
 coefficients come from ``pair_coefficients`` and ``dW += c·A_w + c'·A_l``. Tokens at ``ignore_index``
 (prompt, padding) are never computed: their log-prob is 0 and their gradient is 0.
 
-Three GEMMs per kept token-vocabulary pair. Extra memory: one ``[R, V]`` block (two with a softcap), the
+Three GEMMs per kept token-vocabulary pair. Extra memory: ``[R, V]`` blocks of one chunk in all, the
 kept rows of ``hidden`` and ``dH``, and two ``[V, H]`` accumulators (one while the first pair runs, whose
 chosen side accumulates straight into ``dW``), and an fp32 copy of a half-precision weight. Computes in
 fp32 (fp64 for fp64 inputs), like the rest of the fallback.
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from wpo_kernels import fallback
-from wpo_kernels.fallback import _logits_chunk, _transform_derivative, compute_dtype
+from wpo_kernels.fallback import _logits_chunk, _transform_derivative, compute_dtype, fold_block
 from wpo_kernels.types import LogitTransform
 
 #: ``(pair index, logprobs [2, T], alignment statistic [2, T] or None) -> (c_chosen, c_rejected)``: the
@@ -47,9 +47,10 @@ class StepResult:
     grad_bias: Tensor | None
 
 
-def rows_per_block(vocab: int) -> int:
-    """Kept tokens per ``[R, V]`` logits block: ``block_elements() // V``, at least 1."""
-    return max(1, fallback.block_elements() // vocab)
+def rows_per_block(vocab: int, blocks: int) -> int:
+    """Kept tokens per ``[R, V]`` logits block when ``blocks`` of them live at once (two with a softcap:
+    the logits and their transform's derivative): ``block_elements() // (blocks · V)``, at least 1."""
+    return max(1, fallback.block_elements() // (blocks * vocab))
 
 
 def one_pass_pair_step(
@@ -99,7 +100,7 @@ def one_pass_pair_step(
     dh = h.new_empty(h.shape) if want_dh else None
     dw = h.new_empty((vocab, width)) if want_dw else None
     db = h.new_empty(vocab) if want_db else None
-    step = rows_per_block(vocab)
+    step = rows_per_block(vocab, 1 if transform.softcap is None else 2)
 
     def walk(seq: int, acc_w: Tensor | None, acc_b: Tensor | None) -> bool:
         """Sequence ``seq`` block by block: statistics, its ``dH`` rows at coefficient 1, and
@@ -110,20 +111,15 @@ def one_pass_pair_step(
             hb, yb = h[start:stop], y[start:stop]
             z = _logits_chunk(hb, w, b, transform, 0, vocab)
             dz_dl = _transform_derivative(z, transform)
-            z_y = z.gather(1, yb[:, None]).squeeze(1)
-            m = z.amax(dim=1)
-            shift = torch.where(m == float("-inf"), 0.0, m)
-            e = z.sub_(shift[:, None]).exp_()
-            s1 = e.sum(1)
-            lse = m + torch.log(s1)
-            kept_logprobs[start:stop] = z_y - lse
+            fold, e = fold_block(z, yb, 0)
+            stats = fold.stats()
+            kept_logprobs[start:stop] = stats.target_logit - stats.lse
             if statistic == "log_sum_sq_probs":
-                s2 = torch.linalg.vector_norm(e, dim=1).square_()
-                kept_stat[start:stop] = 2 * m + torch.log(s2) - 2 * lse
+                kept_stat[start:stop] = stats.lse2 - 2 * stats.lse
             elif statistic == "log_max_prob":
-                kept_stat[start:stop] = m - lse
+                kept_stat[start:stop] = stats.max_logit - stats.lse
             # d logp(y) / dz = onehot(y) - softmax(z), then through the transform (all in place)
-            dl = e.mul_(s1.reciprocal().neg_()[:, None])
+            dl = e.mul_(fold.sum_exp.reciprocal().neg_()[:, None])
             dl[torch.arange(stop - start), yb] += 1
             if not (isinstance(dz_dl, float) and dz_dl == 1.0):
                 dl.mul_(dz_dl)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from wpo_kernels.autograd import BACKENDS, Backend, autocast_disabled, resolve_backend, target_logprobs
 from wpo_kernels.custom_ops import linear_logprobs as linear_logprobs_op
-from wpo_kernels.fallback import keeps_logits
+from wpo_kernels.fallback import keeps_exp
 from wpo_kernels.kernels.logits_tile import interpreter_active
 from wpo_kernels.types import OUTPUT_NAMES, LogitTransform, LogprobOutput, VocabStats
 
@@ -245,8 +245,11 @@ def fused_linear_logprobs(
     h, y, b = flatten_inputs(hidden, targets, bias)
     chosen = checked_backend(backend, h)
     # one custom op (autograd, torch.compile and the dispatcher see it whole), with or without a graph
-    # small problems on the fallback keep their logits for the backward (no recompute GEMM)
-    keep = chosen == "torch" and needs_autograd(hidden, weight, bias) and keeps_logits(len(y), len(weight))
+    # small problems on the fallback keep exp(z - max) for the backward (no recompute GEMM)
+    keep = (
+        chosen == "torch" and softcap is None and needs_autograd(hidden, weight, bias)
+        and keeps_exp(len(y), len(weight))
+    )
     with autocast_disabled(h.device):
         *per_token, _ = linear_logprobs_op(
             h, weight, b, y, ignore_index, logit_scale, softcap, temperature, chosen, "entropy" in outputs,
