@@ -47,15 +47,10 @@ def _check_against_reference(dtype, backend, device, loss_type, variant, alignme
         torch.testing.assert_close(g_.double().cpu(), w_, **TOL[dtype], msg=lambda m, n=name: f"d{n}: {m}")
 
 
-@pytest.mark.parametrize("route", ["kept_exp", "one_pass"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("alignment", ALIGNMENTS)
-def test_every_combination_torch_backend_fp64(monkeypatch, loss_type, variant, alignment, route):
-    """Both torch-backend routes: small problems through the log-probs op on the kept tokens (which keeps
-    exp(z - max)), larger ones through the one-pass step (KTO: the log-probs op, recomputing)."""
-    if route == "one_pass":
-        monkeypatch.setattr("wpo_kernels.fused_loss.keeps_exp", lambda n_tokens, vocab: False)
+def test_every_combination_torch_backend_fp64(loss_type, variant, alignment):
     seed = 100 * LOSS_TYPES.index(loss_type) + 10 * VARIANTS.index(variant) + ALIGNMENTS.index(alignment)
     _check_against_reference(torch.float64, "torch", "cpu", loss_type, variant, alignment, seed)
 
@@ -87,12 +82,15 @@ def test_logit_transform(backend, device):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
-def test_torch_step_in_blocks_of_two_tokens(monkeypatch, dtype, loss_type):
-    """The torch backend's one-pass step (wpo_kernels/fallback_step.py) with every sequence split into
-    blocks of two tokens (2·V elements), through the logit transform."""
-    monkeypatch.setattr("wpo_kernels.fallback.block_elements", lambda: 2 * 37)
+@pytest.mark.parametrize(("block_rows", "softcap"), [(1, 3.0), (5, None), (7, None), (12, None), (7, 3.0)])
+def test_torch_step_in_small_blocks(monkeypatch, dtype, loss_type, block_rows, softcap):
+    """The torch backend's one-pass step (wpo_kernels/fallback_step.py) with blocks of ``block_rows``
+    tokens (two blocks live with a softcap): pairs longer than a block are walked in blocks, shorter ones
+    grouped (pairs here hold 2–10 kept tokens), through the logit transform."""
+    blocks = 1 if softcap is None else 2
+    monkeypatch.setattr("wpo_kernels.fallback.block_elements", lambda: blocks * block_rows * 37)
     _check_against_reference(
-        dtype, "torch", "cpu", loss_type, "wpo", "greedy", seed=13, softcap=3.0, temperature=0.8
+        dtype, "torch", "cpu", loss_type, "wpo", "greedy", seed=13, softcap=softcap, temperature=0.8
     )
 
 

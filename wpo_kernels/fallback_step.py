@@ -4,18 +4,22 @@ The two-pass route (forward statistics, then a backward that recomputes every lo
 logit: the forward, the recompute, ``dH`` and ``dW``. A paired loss ``L = mean_i[ω_i ℓ_i(π_w,i, π_l,i)]``
 (ω detached) lets the step skip the recompute: pair ``i``'s gradient with respect to its per-token
 log-probs is ``c_i`` on each kept token of its chosen sequence and ``c'_i`` on its rejected one, and
-``(c_i, c'_i)`` depend on that pair's two sequences alone. So the pair's sequences are walked in blocks
-of kept tokens against the whole vocabulary (``[R, V]``, ``R·V`` ≤ one chunk, so every statistic is
-exact in one go); while a block's logits are in hand, the unit-coefficient gradient
-``dl = (onehot(y) − softmax(z)) · dz/dl`` gives the block's ``dH`` rows (``dl @ W``) and is folded into a
-per-sequence accumulator ``A = Σ dlᵀ h`` of the weight gradient. Once both sequences are done, the pair's
-coefficients come from ``pair_coefficients`` and ``dW += c·A_w + c'·A_l``. Tokens at ``ignore_index``
-(prompt, padding) are never computed: their log-prob is 0 and their gradient is 0.
+``(c_i, c'_i)`` depend on that pair's two sequences alone. The kept tokens are laid out pair after pair
+and computed against the whole vocabulary in ``[R, V]`` blocks (``R·V`` ≤ one chunk, so every statistic
+is exact in one go), with the unit-coefficient gradient ``dl = (onehot(y) − softmax(z)) · dz/dl``
+formed in place of the block's logits:
 
-Three GEMMs per kept token-vocabulary pair. Extra memory: ``[R, V]`` blocks of one chunk in all, the
-kept rows of ``hidden`` and ``dH``, and two ``[V, H]`` accumulators (one while the first pair runs, whose
-chosen side accumulates straight into ``dW``), and an fp32 copy of a half-precision weight. Computes in
-fp32 (fp64 for fp64 inputs), like the rest of the fallback.
+- **pairs that fit in a block** go several to a block: the block's statistics give their coefficients at
+  once, so ``dH = c ⊙ (dl @ W)`` and ``dW += dlᵀ (c ⊙ h)`` are formed with each row's coefficient;
+- **a pair longer than a block** is walked one sequence at a time in blocks, giving its ``dH`` rows at
+  unit coefficient and a per-sequence accumulator ``A = Σ dlᵀ h``; once both are done,
+  ``dW += c·A_w + c'·A_l`` and its ``dH`` rows are scaled.
+
+Tokens at ``ignore_index`` (prompt, padding) are never computed: their log-prob is 0 and their gradient
+is 0. Three GEMMs per kept token-vocabulary pair. Extra memory: ``[R, V]`` blocks of one chunk in all,
+the kept rows of ``hidden`` and ``dH``, an fp32 copy of a half-precision weight and, only if some pair is
+longer than a block, two ``[V, H]`` accumulators (one while such a pair comes first, whose chosen side
+accumulates straight into ``dW``). Computes in fp32 (fp64 for fp64 inputs), like the rest of the fallback.
 """
 
 from __future__ import annotations
@@ -85,84 +89,110 @@ def one_pass_pair_step(
     dtype = compute_dtype(hidden.dtype)
     w = weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
-    kept = targets != ignore_index
+    # the kept tokens pair after pair (chosen i, then rejected i); sequence k of that order is row
+    # k // 2 + (k % 2) * B of the batch and holds kept tokens [offsets[k], offsets[k + 1])
+    pair_major = (targets != ignore_index).view(2, n_pairs, seq_len).transpose(0, 1)
+    kept_rows = torch.arange(n_seq * seq_len).view(2, n_pairs, seq_len).transpose(0, 1)[pair_major]
+    seq_lengths = pair_major.sum(-1).reshape(-1)
     offsets = [0]
-    for length in kept.sum(1).tolist():
+    for length in seq_lengths.tolist():
         offsets.append(offsets[-1] + length)
-    kept_rows = kept.reshape(-1).nonzero().squeeze(1)
-    # the kept tokens, sequence after sequence: [K, H] and [K]
-    h = hidden.reshape(-1, width).index_select(0, kept_rows).to(dtype)
-    y = targets.reshape(-1).index_select(0, kept_rows).long()
+    h = hidden.reshape(-1, width).index_select(0, kept_rows).to(dtype)  # [K, H]
+    y = targets.reshape(-1).index_select(0, kept_rows).long()  # [K]
     logprobs = h.new_zeros(n_seq * seq_len)
     stat = h.new_zeros(n_seq * seq_len) if statistic is not None else None
-    kept_logprobs, kept_stat = h.new_empty(h.shape[0]), h.new_empty(h.shape[0])
-    want_dh, want_dw, want_db = need_grad[0], need_grad[1], need_grad[2] and bias is not None
-    dh = h.new_empty(h.shape) if want_dh else None
-    dw = h.new_empty((vocab, width)) if want_dw else None
+    want_db = need_grad[2] and bias is not None
+    dh = h.new_empty(h.shape) if need_grad[0] else None
+    dw = h.new_empty((vocab, width)) if need_grad[1] else None
     db = h.new_empty(vocab) if want_db else None
-    step = rows_per_block(vocab, 1 if transform.softcap is None else 2)
-
-    def walk(seq: int, acc_w: Tensor | None, acc_b: Tensor | None) -> bool:
-        """Sequence ``seq`` block by block: statistics, its ``dH`` rows at coefficient 1, and
-        ``acc_w = Σ dlᵀ h`` / ``acc_b = Σ dl`` (overwritten, not added to). False if it has no tokens."""
-        fresh = True
-        for start in range(offsets[seq], offsets[seq + 1], step):
-            stop = min(start + step, offsets[seq + 1])
-            hb, yb = h[start:stop], y[start:stop]
-            z = _logits_chunk(hb, w, b, transform, 0, vocab)
-            dz_dl = _transform_derivative(z, transform)
-            fold, e = fold_block(z, yb, 0)
-            stats = fold.stats()
-            kept_logprobs[start:stop] = stats.target_logit - stats.lse
-            if statistic == "log_sum_sq_probs":
-                kept_stat[start:stop] = stats.lse2 - 2 * stats.lse
-            elif statistic == "log_max_prob":
-                kept_stat[start:stop] = stats.max_logit - stats.lse
-            # d logp(y) / dz = onehot(y) - softmax(z), then through the transform (all in place)
-            dl = e.mul_(fold.sum_exp.reciprocal().neg_()[:, None])
-            dl[torch.arange(stop - start), yb] += 1
-            if not (isinstance(dz_dl, float) and dz_dl == 1.0):
-                dl.mul_(dz_dl)
-            if dh is not None:
-                torch.mm(dl, w, out=dh[start:stop])
-            if acc_w is not None:
-                torch.mm(dl.T, hb, out=acc_w) if fresh else acc_w.addmm_(dl.T, hb)
-            if acc_b is not None:
-                torch.sum(dl, 0, out=acc_b) if fresh else acc_b.add_(dl.sum(0))
-            fresh = False
-        return not fresh
-
-    def scratch() -> tuple[Tensor | None, Tensor | None]:
-        return (None if dw is None else torch.empty_like(dw), None if db is None else torch.empty_like(db))
-
-    chosen_scratch = rejected_scratch = None
+    budget = rows_per_block(vocab, 1 if transform.softcap is None else 2)
     filled = False  # whether dw / db hold a partial sum yet
-    for pair in range(n_pairs):
-        seqs = (pair, n_pairs + pair)
-        if rejected_scratch is None:
-            rejected_scratch = scratch()
-        if filled and chosen_scratch is None:
-            chosen_scratch = scratch()
-        # until dw holds something, the chosen side accumulates straight into it
-        sides = (chosen_scratch if filled else (dw, db), rejected_scratch)
-        wrote = [walk(seq, *acc) for seq, acc in zip(seqs, sides, strict=True)]
-        for seq in seqs:
-            rows = kept_rows[offsets[seq] : offsets[seq + 1]]
-            logprobs.index_copy_(0, rows, kept_logprobs[offsets[seq] : offsets[seq + 1]])
-            if stat is not None:
-                stat.index_copy_(0, rows, kept_stat[offsets[seq] : offsets[seq + 1]])
-        coefficients = pair_coefficients(
+
+    def unit_grad(start: int, stop: int) -> Tensor:
+        """Kept tokens ``[start, stop)`` against the vocabulary: their outputs written out, and ``dl``
+        ``[stop - start, V]`` (in the logits' storage)."""
+        yb = y[start:stop]
+        z = _logits_chunk(h[start:stop], w, b, transform, 0, vocab)
+        dz_dl = _transform_derivative(z, transform)
+        fold, e = fold_block(z, yb, 0)
+        stats = fold.stats()
+        rows = kept_rows[start:stop]
+        logprobs.index_copy_(0, rows, stats.target_logit - stats.lse)
+        if statistic == "log_sum_sq_probs":
+            stat.index_copy_(0, rows, stats.lse2 - 2 * stats.lse)
+        elif statistic == "log_max_prob":
+            stat.index_copy_(0, rows, stats.max_logit - stats.lse)
+        # d logp(y) / dz = onehot(y) - softmax(z), then through the transform (all in place)
+        dl = e.mul_(fold.sum_exp.reciprocal().neg_()[:, None])
+        dl[torch.arange(stop - start), yb] += 1
+        if not (isinstance(dz_dl, float) and dz_dl == 1.0):
+            dl.mul_(dz_dl)
+        return dl
+
+    def coefficients_of(pair: int) -> tuple[float, float]:
+        seqs = [pair, n_pairs + pair]
+        return pair_coefficients(
             pair,
-            logprobs.view(n_seq, seq_len)[list(seqs)],
-            None if stat is None else stat.view(n_seq, seq_len)[list(seqs)],
+            logprobs.view(n_seq, seq_len)[seqs],
+            None if stat is None else stat.view(n_seq, seq_len)[seqs],
         )
-        for seq, coefficient in zip(seqs, coefficients, strict=True):
-            if dh is not None:
-                dh[offsets[seq] : offsets[seq + 1]].mul_(coefficient)
-        for k, ((acc_w, acc_b), coefficient) in enumerate(zip(sides, coefficients, strict=True)):
-            if not wrote[k]:
+
+    def accumulate(acc_w: Tensor | None, acc_b: Tensor | None, dl: Tensor, rows: Tensor, fresh: bool) -> None:
+        """``acc_w += dlᵀ rows`` and ``acc_b += Σ dl`` (overwritten instead when ``fresh``)."""
+        if acc_w is not None:
+            torch.mm(dl.T, rows, out=acc_w) if fresh else acc_w.addmm_(dl.T, rows)
+        if acc_b is not None:
+            torch.sum(dl, 0, out=acc_b) if fresh else acc_b.add_(dl.sum(0))
+
+    def group(first: int, last: int) -> None:
+        """Pairs ``[first, last)``, within one block: every coefficient is known before the GEMMs."""
+        nonlocal filled
+        start, stop = offsets[2 * first], offsets[2 * last]
+        if start == stop:
+            return
+        dl = unit_grad(start, stop)
+        coefficients = [c for pair in range(first, last) for c in coefficients_of(pair)]
+        row_coefficient = torch.repeat_interleave(
+            torch.tensor(coefficients, dtype=dtype), seq_lengths[2 * first : 2 * last]
+        )
+        if dh is not None:
+            torch.mm(dl, w, out=dh[start:stop]).mul_(row_coefficient[:, None])
+        # scaling dl's rows instead: Σ_rows c_r dl_rᵀ h_r
+        dl.mul_(row_coefficient[:, None])
+        accumulate(dw, db, dl, h[start:stop], fresh=not filled)
+        filled = True
+
+    scratch: dict[int, tuple[Tensor | None, Tensor | None]] = {}
+
+    def long_pair(pair: int) -> None:
+        """A pair longer than a block: each sequence walked in blocks into an accumulator, scaled once the
+        pair's coefficients are known."""
+        nonlocal filled
+        # until dw holds something, the chosen side accumulates straight into it
+        chosen_into_total = not filled
+        accumulators = []
+        for side in (0, 1):
+            if side == 0 and chosen_into_total:
+                accumulators.append((dw, db))
                 continue
-            for total, acc in ((dw, acc_w), (db, acc_b)):
+            if side not in scratch:
+                scratch[side] = tuple(None if t is None else torch.empty_like(t) for t in (dw, db))
+            accumulators.append(scratch[side])
+        for side, (acc_w, acc_b) in enumerate(accumulators):
+            k = 2 * pair + side
+            for start in range(offsets[k], offsets[k + 1], budget):
+                stop = min(start + budget, offsets[k + 1])
+                dl = unit_grad(start, stop)
+                if dh is not None:
+                    torch.mm(dl, w, out=dh[start:stop])
+                accumulate(acc_w, acc_b, dl, h[start:stop], fresh=start == offsets[k])
+        for side, coefficient in enumerate(coefficients_of(pair)):
+            k = 2 * pair + side
+            if dh is not None:
+                dh[offsets[k] : offsets[k + 1]].mul_(coefficient)
+            if offsets[k] == offsets[k + 1]:
+                continue  # nothing was accumulated
+            for total, acc in zip((dw, db), accumulators[side], strict=True):
                 if total is None:
                     continue
                 if acc is total:
@@ -172,6 +202,17 @@ def one_pass_pair_step(
                 else:
                     torch.mul(acc, coefficient, out=total)
             filled = True
+
+    pair = 0
+    while pair < n_pairs:
+        last = pair + 1
+        while last < n_pairs and offsets[2 * last + 2] - offsets[2 * pair] <= budget:
+            last += 1
+        if offsets[2 * last] - offsets[2 * pair] <= budget:
+            group(pair, last)
+        else:
+            long_pair(pair)
+        pair = last
     if not filled:
         for total in (dw, db):
             if total is not None:

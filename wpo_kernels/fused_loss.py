@@ -4,9 +4,7 @@ For the common layout where the batch is ``[chosen; rejected]`` concatenated alo
 (as TRL's ``DPOTrainer`` and Liger's ``LigerFusedLinearDPOLoss`` lay it out). The ``[N, V]`` logits are
 never materialised, forward or backward.
 
-On the torch fallback (CPU) with gradients, a small problem (the kept tokens' logits within
-:func:`wpo_kernels.fallback.keeps_exp`, no softcap) runs :func:`fused_linear_logprobs` on the kept tokens
-only, which keeps ``exp(z - max)`` for its backward; a larger one with a paired loss runs in one GEMM pass
+On the torch fallback (CPU) a paired loss with gradients runs in one GEMM pass
 (:mod:`wpo_kernels.fallback_step`): each pair's gradient is formed while its logits are in hand, and the
 loss's backward only scales it (:class:`LossWithGradients`). Elsewhere (Triton, KTO, no gradient) the
 per-token log-probs come from :func:`fused_linear_logprobs` and autograd does the rest.
@@ -20,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from wpo_kernels.autograd import BACKENDS, Backend, autocast_disabled, first_order_backward
-from wpo_kernels.fallback import keeps_exp
 from wpo_kernels.fallback_step import one_pass_pair_step
 from wpo_kernels.linear_logprobs import (
     checked_backend,
@@ -191,13 +188,12 @@ def fused_linear_wpo_loss(
             kto_kl=kto_kl,
         )
 
-    on_fallback = (
-        half > 0 and needs_autograd(hidden, weight, bias) and checked_backend(backend, hidden) == "torch"
-    )
-    kept_rows = mask.reshape(-1).nonzero().squeeze(1) if on_fallback else None
-    # small problems keep exp(z - max) of their kept tokens for the backward: three full-size GEMMs
-    small = on_fallback and softcap is None and keeps_exp(len(kept_rows), weight.shape[0])
-    if on_fallback and not small and loss_type != "kto":
+    if (
+        loss_type != "kto"
+        and half > 0
+        and needs_autograd(hidden, weight, bias)
+        and checked_backend(backend, hidden) == "torch"
+    ):
         # the torch fallback: the gradient is formed while each block's logits are in hand
         step_transform = LogitTransform(**transform)
         validate_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, transform=step_transform)
@@ -249,38 +245,20 @@ def fused_linear_wpo_loss(
         )
         return WPOLossOutput(loss=loss, metrics=out.metrics)
 
-    if small:  # the kept tokens only, scattered back with zeros at the ignored ones
-        policy = fused_linear_logprobs(
-            hidden.reshape(-1, hidden.shape[-1]).index_select(0, kept_rows),
-            weight,
-            targets.reshape(-1)[kept_rows],
-            bias=bias,
-            ignore_index=ignore_index,
-            outputs=_ALIGNMENT_OUTPUT[align],
-            backend=backend,
-            **transform,
-        )
-        zeros = hidden.new_zeros(targets.numel(), dtype=policy.logprobs.dtype)
-        per_token = {
-            name: zeros.index_copy(0, kept_rows, value).view(targets.shape)
-            for name, value in policy.as_dict().items()
-        }
-    else:
-        per_token = fused_linear_logprobs(
-            hidden,
-            weight,
-            targets,
-            bias=bias,
-            ignore_index=ignore_index,
-            outputs=_ALIGNMENT_OUTPUT[align],
-            backend=backend,
-            **transform,
-        ).as_dict()
-    logprobs = per_token["logprobs"]
-    statistic = per_token[statistic_name] if statistic_name is not None else None
+    policy = fused_linear_logprobs(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        ignore_index=ignore_index,
+        outputs=_ALIGNMENT_OUTPUT[align],
+        backend=backend,
+        **transform,
+    )
+    statistic = getattr(policy, statistic_name) if statistic_name is not None else None
     return loss_of(
-        logprobs.sum(dim=-1),
-        weights_of(logprobs, statistic, mask),
+        policy.logprobs.sum(dim=-1),
+        weights_of(policy.logprobs, statistic, mask),
         lengths,
         ref_chosen_logps,
         ref_rejected_logps,
