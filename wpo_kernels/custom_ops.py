@@ -69,8 +69,9 @@ def linear_logprobs(
     mean_logit = stats.mean_logit if need_mean_logit else stats.lse.new_empty(0)
     logprobs = target_logprobs(stats, targets, ignore_index)
     kept = kept[0] if kept else stats.lse.new_empty(0)
-    # a custom op's outputs may not alias each other; a backend may return views of one buffer ([N] each)
-    return logprobs, *(t.clone() for t in (stats.max_logit, stats.lse, stats.lse2, mean_logit)), kept
+    # a custom op's outputs may not alias each other; the Triton path returns views of one buffer ([N] each)
+    per_token = (stats.max_logit, stats.lse, stats.lse2, mean_logit)
+    return logprobs, *(t.clone() if backend == "triton" else t for t in per_token), kept
 
 
 @linear_logprobs.register_fake

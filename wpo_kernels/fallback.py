@@ -156,6 +156,7 @@ def torch_vocab_stats(
         if kept_exp is not None:
             kept_exp.append(e)
         total = fold if total is None else total.merged(fold)
+        del z, e  # before the next block is allocated: one block lives at a time
     return total.stats()
 
 

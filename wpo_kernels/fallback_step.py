@@ -34,9 +34,11 @@ from wpo_kernels import fallback
 from wpo_kernels.fallback import _logits_chunk, _transform_derivative, compute_dtype, fold_block
 from wpo_kernels.types import LogitTransform
 
-#: ``(pair index, logprobs [2, T], alignment statistic [2, T] or None) -> (c_chosen, c_rejected)``: the
-#: loss's gradient with respect to each kept token's log-prob in the pair's chosen and rejected sequence.
-PairCoefficients = Callable[[int, Tensor, Tensor | None], tuple[float, float]]
+#: ``(first, last, logprobs [2P, T], alignment statistic [2P, T] or None) -> coefficients [2, P]`` for
+#: pairs ``[first, last)`` (``P = last - first``; rows: their chosen sequences, then their rejected ones):
+#: the loss's gradient with respect to each kept token's log-prob in each pair's chosen (row 0) and
+#: rejected (row 1) sequence.
+PairCoefficients = Callable[[int, int, Tensor, Tensor | None], Tensor]
 
 
 @dataclass
@@ -77,7 +79,7 @@ def one_pass_pair_step(
         targets: ``[2B, T]`` integer, in ``[0, V)`` or ``ignore_index``.
         statistic: ``"log_sum_sq_probs"``, ``"log_max_prob"`` or None: the per-token statistic the
             weights need, passed to ``pair_coefficients`` and returned.
-        pair_coefficients: see :data:`PairCoefficients`; called once per pair, in order.
+        pair_coefficients: see :data:`PairCoefficients`; called once per group of pairs, in order.
         need_grad: whether the gradients of ``(hidden, weight, bias)`` are wanted.
 
     Returns:
@@ -129,13 +131,16 @@ def one_pass_pair_step(
             dl.mul_(dz_dl)
         return dl
 
-    def coefficients_of(pair: int) -> tuple[float, float]:
-        seqs = [pair, n_pairs + pair]
-        return pair_coefficients(
-            pair,
+    def coefficients_of(first: int, last: int) -> Tensor:
+        """``[2P]`` for pairs ``[first, last)``, in the kept tokens' sequence order (c_0, c'_0, c_1, ...)."""
+        seqs = [*range(first, last), *range(n_pairs + first, n_pairs + last)]
+        coefficients = pair_coefficients(
+            first,
+            last,
             logprobs.view(n_seq, seq_len)[seqs],
             None if stat is None else stat.view(n_seq, seq_len)[seqs],
         )
+        return coefficients.to(dtype).T.reshape(-1)
 
     def accumulate(acc_w: Tensor | None, acc_b: Tensor | None, dl: Tensor, rows: Tensor, fresh: bool) -> None:
         """``acc_w += dlᵀ rows`` and ``acc_b += Σ dl`` (overwritten instead when ``fresh``)."""
@@ -151,10 +156,8 @@ def one_pass_pair_step(
         if start == stop:
             return
         dl = unit_grad(start, stop)
-        coefficients = [c for pair in range(first, last) for c in coefficients_of(pair)]
-        row_coefficient = torch.repeat_interleave(
-            torch.tensor(coefficients, dtype=dtype), seq_lengths[2 * first : 2 * last]
-        )
+        lengths = seq_lengths[2 * first : 2 * last]
+        row_coefficient = torch.repeat_interleave(coefficients_of(first, last), lengths)
         if dh is not None:
             torch.mm(dl, w, out=dh[start:stop]).mul_(row_coefficient[:, None])
         # scaling dl's rows instead: Σ_rows c_r dl_rᵀ h_r
@@ -186,7 +189,7 @@ def one_pass_pair_step(
                 if dh is not None:
                     torch.mm(dl, w, out=dh[start:stop])
                 accumulate(acc_w, acc_b, dl, h[start:stop], fresh=start == offsets[k])
-        for side, coefficient in enumerate(coefficients_of(pair)):
+        for side, coefficient in enumerate(coefficients_of(pair, pair + 1).tolist()):
             k = 2 * pair + side
             if dh is not None:
                 dh[offsets[k] : offsets[k + 1]].mul_(coefficient)

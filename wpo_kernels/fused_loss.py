@@ -168,7 +168,12 @@ def fused_linear_wpo_loss(
         )
 
     def loss_of(
-        logps: Tensor, weights: Tensor, seq_lengths: Tensor, ref_c: Tensor | None, ref_r: Tensor | None
+        logps: Tensor,
+        weights: Tensor,
+        seq_lengths: Tensor,
+        ref_c: Tensor | None,
+        ref_r: Tensor | None,
+        metrics: bool = True,
     ) -> WPOLossOutput:
         """The loss of ``[chosen; rejected]`` per-sequence log-probs ``logps`` and weights ``[2P]``."""
         pairs = logps.shape[0] // 2
@@ -186,6 +191,7 @@ def fused_linear_wpo_loss(
             chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths,
             kto_kl=kto_kl,
+            metrics=metrics,
         )
 
     if (
@@ -198,23 +204,30 @@ def fused_linear_wpo_loss(
         step_transform = LogitTransform(**transform)
         validate_inputs(hidden, weight, targets, bias, ignore_index=ignore_index, transform=step_transform)
 
-        def pair_coefficients(pair: int, logprobs: Tensor, statistic: Tensor | None) -> tuple[float, float]:
-            rows = [pair, half + pair]
+        whole_batch: list[WPOLossOutput] = []  # the loss, when one group of pairs was the whole batch
+
+        def pair_coefficients(first: int, last: int, logprobs: Tensor, statistic: Tensor | None) -> Tensor:
+            rows = [*range(first, last), *range(half + first, half + last)]
             seq_logps = logprobs.sum(dim=-1).requires_grad_()
+            whole = (first, last) == (0, half)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # the whole batch's weights warn below
+                if not whole:
+                    warnings.simplefilter("ignore", RuntimeWarning)  # the whole batch's weights warn below
                 weights = weights_of(logprobs, statistic, mask[rows])
             with torch.enable_grad():
-                pair_loss = loss_of(
+                out = loss_of(
                     seq_logps,
                     weights,
                     lengths[rows],
-                    _pick(ref_chosen_logps, pair),
-                    _pick(ref_rejected_logps, pair),
-                ).loss
-            (grad,) = torch.autograd.grad(pair_loss, seq_logps)
-            chosen, rejected = (grad / half).tolist()  # L averages over the B pairs
-            return chosen, rejected
+                    _pick(ref_chosen_logps, first, last),
+                    _pick(ref_rejected_logps, first, last),
+                    metrics=whole,
+                )
+            (grad,) = torch.autograd.grad(out.loss, seq_logps)
+            if whole:
+                whole_batch.append(WPOLossOutput(loss=out.loss.detach(), metrics=out.metrics))
+            # L averages over the B pairs, this loss over these P
+            return (grad * ((last - first) / half)).view(2, last - first)
 
         # the gradients are formed by hand in there; autocast off, as in fused_linear_logprobs
         with torch.no_grad(), autocast_disabled(hidden.device):
@@ -233,7 +246,7 @@ def fused_linear_wpo_loss(
                     bias is not None and bias.requires_grad,
                 ),
             )
-            out = loss_of(
+            out = whole_batch[0] if whole_batch else loss_of(
                 step.logprobs.sum(dim=-1),
                 weights_of(step.logprobs, step.statistic, mask),
                 lengths,
@@ -265,9 +278,9 @@ def fused_linear_wpo_loss(
     )
 
 
-def _pick(per_pair: Tensor | None, pair: int) -> Tensor | None:
-    """``per_pair[pair : pair + 1]``, or None."""
-    return None if per_pair is None else per_pair[pair : pair + 1]
+def _pick(per_pair: Tensor | None, first: int, last: int) -> Tensor | None:
+    """``per_pair[first:last]``, or None."""
+    return None if per_pair is None else per_pair[first:last]
 
 
 class LossWithGradients(torch.autograd.Function):

@@ -243,6 +243,7 @@ def wpo_loss(
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     kto_kl: Tensor | float | None = None,
+    metrics: bool = True,
 ) -> WPOLossOutput:
     """A preference loss weighted per pair (or per output, for KTO) by WPO weights.
 
@@ -280,6 +281,7 @@ def wpo_loss(
         simpo_gamma: SimPO's target margin γ (on the ``β``-scaled score).
         chosen_lengths, rejected_lengths: ``[B]`` token counts (clamped to ≥ 1), required for ipo/simpo.
         kto_kl: KTO's KL baseline, a float or one-element tensor (detached); KTO only.
+        metrics: False to skip the metrics (an empty dict), e.g. for a loss only differentiated.
 
     Returns:
         :class:`WPOLossOutput`. An empty batch (``B = 0``) gives ``loss = 0`` (still connected to the
@@ -324,7 +326,7 @@ def wpo_loss(
     else:
         score_w = pi_w - ref_chosen_logps.detach().to(dtype)
         score_l = pi_l - ref_rejected_logps.detach().to(dtype)
-    metrics: dict[str, Tensor] = {}
+    logged: dict[str, Tensor] = {}
 
     if loss_type == "kto":
         kl = _kl_baseline(kto_kl, pi_w)
@@ -333,7 +335,7 @@ def wpo_loss(
         hat_w = _normalised(w_w, variant in ("wpo", "wpo_w"))
         hat_l = _normalised(w_l, variant in ("wpo", "wpo_l"))
         loss = 0.5 * ((hat_w * chosen_losses).sum() + (hat_l * rejected_losses).sum())
-        metrics["kl"] = kl
+        logged["kl"] = kl
     else:
         h = score_w / len_w - score_l / len_l if loss_type == "ipo" else score_w - score_l
         omega = pair_weight(w_w, w_l, variant)
@@ -341,11 +343,14 @@ def wpo_loss(
         h = torch.where(omega > 0, h, torch.zeros_like(h))
         per_pair = _PAIRED[loss_type](h, beta, eps, gamma)
         loss = (omega * per_pair).mean() if batch else per_pair.sum()  # sum of nothing: a connected 0
-        metrics.update(_weight_metrics("pair", omega))
+    if not metrics:
+        return WPOLossOutput(loss=loss)
 
     with torch.no_grad():
+        if loss_type != "kto":
+            logged.update(_weight_metrics("pair", omega))
         rewards_w, rewards_l = beta * score_w.detach(), beta * score_l.detach()
-        metrics.update(
+        logged.update(
             {
                 "rewards/chosen": _mean(rewards_w),
                 "rewards/rejected": _mean(rewards_l),
@@ -357,4 +362,4 @@ def wpo_loss(
                 **_weight_metrics("rejected", w_l),
             }
         )
-    return WPOLossOutput(loss=loss, metrics={k: v.detach() for k, v in metrics.items()})
+    return WPOLossOutput(loss=loss, metrics={k: v.detach() for k, v in logged.items()})
