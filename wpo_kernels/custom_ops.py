@@ -14,7 +14,7 @@ one op per direction:
 Both run the backend chosen by :func:`wpo_kernels.autograd.resolve_backend` (the Triton kernels on CUDA
 and in the interpreter, the chunked torch fallback otherwise); their fake implementations give the
 output shapes without computing. The backward saves the inputs, ``max_logit`` and ``lse`` (and
-``kept_exp``, at most 16 MiB, when asked for), nothing else ``[N, V]``.
+``kept_exp``, at most 32 MiB, when asked for), nothing else ``[N, V]``.
 Double backward is refused with an error (:func:`wpo_kernels.autograd.first_order_backward`).
 """
 
@@ -37,8 +37,7 @@ from wpo_kernels.types import LogitTransform
 # op schemas from them.
 
 
-@torch.library.custom_op("wpo_kernels::linear_logprobs", mutates_args=())
-def linear_logprobs(
+def _linear_logprobs(
     hidden: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],  # noqa: UP045 - the schema inference reads typing.Optional
@@ -74,6 +73,9 @@ def linear_logprobs(
     return logprobs, *(t.clone() if backend == "triton" else t for t in per_token), kept
 
 
+linear_logprobs = torch.library.custom_op("wpo_kernels::linear_logprobs", mutates_args=())(_linear_logprobs)
+
+
 @linear_logprobs.register_fake
 def _(
     hidden, weight, bias, targets, ignore_index, logit_scale, softcap, temperature, backend, need_mean_logit,
@@ -85,8 +87,7 @@ def _(
     return (*per_token, hidden.new_empty(n if need_mean_logit else 0, dtype=dtype), kept)
 
 
-@torch.library.custom_op("wpo_kernels::linear_logprobs_backward", mutates_args=())
-def linear_logprobs_grads(
+def _linear_logprobs_grads(
     hidden: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],  # noqa: UP045
@@ -124,6 +125,11 @@ def linear_logprobs_grads(
     )
 
 
+linear_logprobs_grads = torch.library.custom_op("wpo_kernels::linear_logprobs_backward", mutates_args=())(
+    _linear_logprobs_grads
+)
+
+
 @linear_logprobs_grads.register_fake
 def _(
     hidden, weight, bias, targets, max_logit, lse, grad_logprobs, kept_exp, ignore_index, logit_scale,
@@ -152,7 +158,8 @@ def _backward(ctx, grad_logprobs: Tensor, *unused: Tensor):
         return (None,) * 12
     hidden, weight, bias, targets, max_logit, lse, kept_exp = ctx.saved_tensors
     wanted = ctx.needs_input_grad
-    dh, dw, db = linear_logprobs_grads(
+    grads = linear_logprobs_grads if torch.compiler.is_compiling() else _linear_logprobs_grads
+    dh, dw, db = grads(
         hidden, weight, bias, targets, max_logit, lse, grad_logprobs, kept_exp, *ctx.options, wanted[0],
         wanted[1],
     )
@@ -165,3 +172,25 @@ def _backward(ctx, grad_logprobs: Tensor, *unused: Tensor):
 
 
 linear_logprobs.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLinearLogprobs(torch.autograd.Function):
+    """The op's forward, context and backward as a plain autograd Function, for eager calls: the same
+    functions without the dispatcher's round trips (about 0.3 ms a call on the 2-core CPU machine, 4% of a
+    Mistral-7B-head / 16 forward + backward at N = 512). ``torch.compile`` traces the custom op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _linear_logprobs(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def linear_logprobs_op(*args) -> tuple[Tensor, ...]:
+    """``linear_logprobs(*args)`` with autograd: the custom op while ``torch.compile`` traces, else the
+    same functions as :class:`_EagerLinearLogprobs`."""
+    if torch.compiler.is_compiling():
+        return linear_logprobs(*args)
+    return _EagerLinearLogprobs.apply(*args)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from wpo_kernels.autograd import BACKENDS, Backend, autocast_disabled, resolve_backend, target_logprobs
-from wpo_kernels.custom_ops import linear_logprobs as linear_logprobs_op
+from wpo_kernels.custom_ops import linear_logprobs_op
 from wpo_kernels.fallback import keeps_exp
 from wpo_kernels.kernels.logits_tile import interpreter_active
 from wpo_kernels.types import OUTPUT_NAMES, LogitTransform, LogprobOutput, VocabStats
