@@ -10,7 +10,9 @@ What changes against ``DPOTrainer``:
 - the loss is :func:`wpo_kernels.wpo_loss` with WPO weights from :func:`wpo_kernels.weights.wpo_weights`
   (``alignment``, ``wpo_variant``, ``weight_clamp``); ``wpo_variant="none"`` gives the unweighted loss,
   so the same trainer runs the DPO baseline;
-- logged metrics add ``weights/{chosen,rejected,pair}_{mean,min,max}`` (and ``kl`` for KTO).
+- logged metrics add ``weights/{chosen,rejected,pair}_{mean,min,max}`` (and ``kl`` for KTO), and, with
+  TensorBoard among the reporting integrations (``report_to="tensorboard"``), histograms of every pair's
+  weights between two logs (``{train,eval}/weights/{chosen,rejected,pair}``).
 
 Everything else (datasets, collator, PEFT with the adapter disabled as reference, a ``"ref"`` adapter copy,
 ``precompute_ref_log_probs``, ``sync_ref_model``, evaluation, logging) is TRL's.
@@ -61,13 +63,14 @@ check_trl_version()
 
 import trl.trainer.dpo_trainer as _dpo_module  # noqa: E402
 from accelerate.utils import is_peft_model  # noqa: E402
+from transformers.integrations import TensorBoardCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import pad, use_adapter  # noqa: E402
 
 from wpo_kernels.autograd import BACKENDS as _BACKENDS  # noqa: E402
 from wpo_kernels.integration.hf import WPOHeadOutput, add_wpo_lm_head  # noqa: E402
-from wpo_kernels.losses import LOSS_TYPES, VARIANTS, check_loss_options, wpo_loss  # noqa: E402
+from wpo_kernels.losses import LOSS_TYPES, VARIANTS, check_loss_options, pair_weight, wpo_loss  # noqa: E402
 from wpo_kernels.weights import Alignment, parse_alignment, wpo_weights  # noqa: E402
 
 __all__ = ["SUPPORTED_TRL", "WPOConfig", "WPOTrainer", "check_trl_version"]
@@ -212,6 +215,7 @@ class WPOTrainer(DPOTrainer):
         self._policy_outputs = ("logprobs", "log_max_prob", "entropy", *stats[self.alignment])
         with _our_lm_head_instead_of_trls(args.kernel_backend):
             super().__init__(model, ref_model=ref_model, args=args, **kwargs)
+        self._weight_values: dict[str, list[Tensor]] = {"train": [], "eval": []}  # histograms, per log
         if self.wpo_loss_type == "kto" and self.ref_model is None and not is_peft_model(self.model):
             raise ValueError(
                 "loss_type='kto' scores mismatched prompt/completion pairs under the reference model at "
@@ -360,6 +364,7 @@ class WPOTrainer(DPOTrainer):
             kto_kl=kto_kl,
         )
         self._log_step_metrics(mode, inputs, out, result.metrics)
+        self._record_weight_histograms(mode, chosen_weight, rejected_weight)
         return (result.loss, out) if return_outputs else result.loss
 
     def _log_step_metrics(
@@ -390,6 +395,50 @@ class WPOTrainer(DPOTrainer):
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         store["num_tokens"] = [self._total_train_tokens]
+
+    # --- weight histograms ------------------------------------------------------------------------------
+
+    def _histogram_callbacks(self) -> list[TensorBoardCallback]:
+        """The reporting integrations that take histograms: TensorBoard (``report_to`` or a callback)."""
+        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)]
+
+    def _record_weight_histograms(self, mode: str, chosen_weight: Tensor, rejected_weight: Tensor) -> None:
+        """Keep this step's weights ``[B]`` of every process (gathered here, so every rank takes part) until
+        the next log, when a reporting integration takes histograms."""
+        if not self._histogram_callbacks():
+            return
+        values = torch.stack([chosen_weight, rejected_weight]).detach().float()  # [2, B]
+        # processes may hold different batch sizes (the last batch): pad with NaN, gathered, then dropped
+        values = self.accelerator.pad_across_processes(values, dim=1, pad_index=float("nan"))
+        gathered = self.accelerator.gather(values.unsqueeze(0)).transpose(0, 1).reshape(2, -1)
+        self._weight_values[mode].append(gathered[:, ~gathered[0].isnan()].cpu())
+
+    def _write_weight_histograms(self, mode: str) -> None:
+        """Histograms of the weights kept since the last log, to each TensorBoard writer (main process)."""
+        values = self._weight_values[mode]
+        if not values:
+            return
+        chosen, rejected = torch.cat(values, dim=1)
+        values.clear()
+        histograms = {
+            "chosen": chosen,
+            "rejected": rejected,
+            "pair": pair_weight(chosen, rejected, self.args.wpo_variant),
+        }
+        for callback in self._histogram_callbacks():
+            if callback.tb_writer is None:  # not the main process, or not started
+                continue
+            for name, tensor in histograms.items():
+                callback.tb_writer.add_histogram(
+                    f"{mode}/weights/{name}", tensor.numpy(), self.state.global_step
+                )
+            callback.tb_writer.flush()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's log (metrics averaged since the last log), then the weight histograms."""
+        mode = "train" if self.model.training else "eval"
+        super().log(logs, start_time)
+        self._write_weight_histograms(mode)
 
     def prediction_step(
         self,
