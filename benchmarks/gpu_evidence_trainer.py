@@ -127,13 +127,11 @@ def make_pairs(setup: TrainerSetup, n_pairs: int, seed: int = 0) -> list[dict[st
     for _ in range(n_pairs):
         total = rng.randrange(setup.min_len, setup.max_len)
         prompt = round(total * setup.prompt_fraction)
-        # TRL appends <eos> to each completion: one token of the total
+        # TRL appends <eos> to each completion (one token of the total) and joins prompt and completion as
+        # strings: the completion's leading space keeps the last prompt word a word of its own
+        completion = total - prompt - 1
         pairs.append(
-            {
-                "prompt": words(prompt),
-                "chosen": words(total - prompt - 1),
-                "rejected": words(total - prompt - 1),
-            }
+            {"prompt": words(prompt), "chosen": " " + words(completion), "rejected": " " + words(completion)}
         )
     return pairs
 
@@ -171,14 +169,16 @@ def _sync(device: str) -> None:
 
 
 def step_timer(device: str) -> Any:
-    """A ``TrainerCallback`` that records each optimizer step's wall time (synchronised) and, on CUDA, the
-    last step's peak memory above its starting level."""
+    """A ``TrainerCallback`` that records each optimizer step's wall time (synchronised) and, on CUDA, each
+    step's peak allocation (absolute, and for the last step above its starting level). The peak is reset at
+    every step, so the whole run's peak is the largest of the steps'."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.times_ms: list[float] = []
             self.step_peak_mib: float | None = None
+            self.peak_bytes = 0
             self._t0 = 0.0
             self._base = 0
 
@@ -193,7 +193,9 @@ def step_timer(device: str) -> Any:
             _sync(device)
             self.times_ms.append((time.perf_counter() - self._t0) * 1e3)
             if device == "cuda":
-                self.step_peak_mib = (torch.cuda.max_memory_allocated() - self._base) / MIB
+                peak = torch.cuda.max_memory_allocated()
+                self.peak_bytes = max(self.peak_bytes, peak)
+                self.step_peak_mib = (peak - self._base) / MIB
 
     return StepTimer()
 
@@ -266,14 +268,12 @@ def run_trainer(
         trainer.remove_callback(PrinterCallback)
         _sync(device)
         before = torch.cuda.memory_allocated() if device == "cuda" else 0
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         trainer.train()
         _sync(device)
         row["train_s"] = time.perf_counter() - start
         if device == "cuda":
-            row["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / MIB
+            row["peak_mib"] = (timer.peak_bytes - before) / MIB
             row["models_mib"] = before / MIB
         row["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     timed = timer.times_ms[setup.warmup_steps :]

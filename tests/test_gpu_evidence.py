@@ -117,7 +117,7 @@ def test_a_stage_cut_at_its_soft_deadline_keeps_what_it_measured(
 
     meta = gpu_evidence.run_meta(True, DATE)
     missing = {"status": "not run", "reason": "not asked for (--stages)"}
-    stages = {"tests": {"stage": "tests", **missing}, "ops": record, "trainer": {"stage": "trainer", **missing}}
+    stages = {"tests": {"stage": "tests"} | missing, "ops": record, "trainer": {"stage": "trainer"} | missing}
     evidence = report.assemble(meta, stages, caps=gpu_evidence.DRY_CAPS, total_s=1.0)
     assert report.check_schema(evidence, require_all=False) == []
     assert "Not run (stage time cap): tiny-llama/forward/N=32" in report.markdown(evidence)
@@ -125,7 +125,8 @@ def test_a_stage_cut_at_its_soft_deadline_keeps_what_it_measured(
 
 def test_run_capped_kills_the_process_group_and_the_record_survives(tmp_path: Path) -> None:
     record = tmp_path / "record.json"
-    child = f"import json, time; open({str(record)!r}, 'w').write(json.dumps({{'rows': [1]}})); time.sleep(60)"
+    child = f"import json, time; open({str(record)!r}, 'w').write(json.dumps({{'rows': [1]}}))"
+    child += "; time.sleep(60)"
     rc, wall = gpu_evidence.run_capped([sys.executable, "-c", child], 3.0, dict(os.environ))
     assert rc is None and wall < 3.0 + gpu_evidence.KILL_GRACE_S + 5
     assert read_json(record) == {"rows": [1]}
@@ -165,5 +166,5 @@ def test_readme_gpu_section_is_generated_from_the_committed_results(tmp_path: Pa
         if dry_run:
             assert section.startswith("**No GPU run against the peers has happened yet.**")
         else:
-            assert "cuda-h100-evidence-2000-01-01.json" in section and "| llama3-8b | 1024 | step |" in section
+            assert f"cuda-h100-evidence-{DATE}.json" in section and "| llama3-8b | 1024 | step |" in section
             assert "1.50× · 1.00×" in section  # TRL's time and memory as multiples of ours
