@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.out / "parts"
     parts.mkdir(exist_ok=True)
     meta = run_meta(args.dry_run, args.date)
+    if not args.dry_run and meta["nvidia_smi"] is None:
+        log("no GPU answers nvidia-smi: nothing to measure (on a CPU, use --dry-run)")
+        return 2
     log(f"GPU evidence{' (dry run, CPU)' if args.dry_run else ''}: code {meta['code']}, {meta['versions']}")
     stages = run_stages(args, parts, start)
     evidence = report.assemble(meta, stages, caps=args.caps, total_s=args.total_s)

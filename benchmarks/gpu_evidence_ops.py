@@ -60,7 +60,7 @@ DRY_SUITE = Suite(
 RATE_SIZE, DRY_RATE_SIZE = 8192, 256
 #: Seconds of timed repeats per provider and measurement, and the timed calls at least (the dry run checks
 #: the plumbing, not speed: one call).
-BUDGET_S, DRY_BUDGET_S = 0.25, 0.0
+BUDGET_S, DRY_BUDGET_S = 0.15, 0.0
 MIN_REPEATS, DRY_MIN_REPEATS = 5, 1
 
 

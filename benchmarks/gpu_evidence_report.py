@@ -473,6 +473,8 @@ def plot_trainer(evidence: dict[str, Any], path: Path) -> Path | None:
     ax_t.set_ylabel("ms per step (median)")
     ax_m.bar(names, [r.get("peak_mib") or 0 for r in rows], color=c)
     ax_m.set_ylabel("peak MiB above the models")
+    if all(r.get("peak_mib") is None for r in rows):
+        ax_m.text(0.5, 0.5, "not measured on a CPU", transform=ax_m.transAxes, ha="center", va="center")
     for r, color in zip(rows, c, strict=True):
         ax_l.plot(range(1, len(r["losses"]) + 1), r["losses"], marker="o", color=color, label=r["provider"])
     ax_l.set_xlabel("step")
@@ -481,7 +483,8 @@ def plot_trainer(evidence: dict[str, Any], path: Path) -> Path | None:
     for ax in (ax_t, ax_m):
         ax.tick_params(axis="x", labelsize=7)
     m = evidence["meta"]
-    fig.suptitle(f"Trainers end to end: {m.get('gpu') or m.get('cpu')}, {m['date']}", fontsize=10)
+    dry = " (dry run: tiny model, CPU)" if m.get("dry_run") else ""
+    fig.suptitle(f"Trainers end to end{dry}: {m.get('gpu') or m.get('cpu')}, {m['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

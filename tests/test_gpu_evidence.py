@@ -123,6 +123,12 @@ def test_a_stage_cut_at_its_soft_deadline_keeps_what_it_measured(
     assert "Not run (stage time cap): tiny-llama/forward/N=32" in report.markdown(evidence)
 
 
+def test_caps_fit_six_minutes_with_the_wheel_install() -> None:
+    """The stages' caps and the report's reserve fit the run's cap, and that leaves ≥ 20 s of the six
+    minutes for the wrapper's wheel install."""
+    assert sum(gpu_evidence.CAPS.values()) + gpu_evidence.REPORT_RESERVE_S <= gpu_evidence.TOTAL_S <= 340
+
+
 def test_run_capped_kills_the_process_group_and_the_record_survives(tmp_path: Path) -> None:
     record = tmp_path / "record.json"
     child = f"import json, time; open({str(record)!r}, 'w').write(json.dumps({{'rows': [1]}}))"
