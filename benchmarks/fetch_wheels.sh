@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download, on a machine with PyPI, the wheels that benchmarks/gpu_check.sh installs on the GPU machine
+# Download, on a machine with a package index, the wheels that benchmarks/gpu_evidence.sh installs on the GPU machine
 # (which reaches no registry). Python 3.12 / x86-64, as on the lent H100/H200 image.
 #
 #   bash benchmarks/fetch_wheels.sh          # -> wheels/*.whl (keep wheels/ git-ignored: see README.md)

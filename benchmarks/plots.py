@@ -12,6 +12,7 @@ _STYLE = {
     "torch": dict(color="tab:gray", marker="s"),
     "trl": dict(color="tab:blue", marker="^"),
     "liger": dict(color="tab:green", marker="v"),
+    "liger-flce": dict(color="tab:olive", marker="<"),
     "cce": dict(color="tab:purple", marker="D"),
 }
 

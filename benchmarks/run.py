@@ -76,6 +76,7 @@ class Runner:
         budget_s: float,
     ) -> None:
         self.device, self.suite, self.modes, self.dtype, self.budget_s = device, suite, modes, dtype, budget_s
+        self.min_repeats = MIN_REPEATS
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
         self.providers: list[Provider] = []
@@ -172,12 +173,15 @@ class Runner:
             del inputs
         return self._floors[key]
 
+    def _floor_ms(self, head: Head, mode: Mode, n_tokens: int) -> float:
+        """The floor of ``mode`` at ``n_tokens``: ``FLOOR_GEMMS[mode]`` fastest bare ``h @ W.T``."""
+        return FLOOR_GEMMS[mode] * self._floor(head, n_tokens).min_ms
+
     def _measure(
         self, head: Head, mode: Mode, n: int, passed: list[tuple[Provider, dict[str, float]]]
     ) -> None:
         if not passed:
             return
-        floor = self._floor(head, n)
         inputs: OpInputs | StepInputs
         if mode == "step":
             inputs = make_step_inputs(head, n, self.suite.seq_len, self.device, self.dtype)
@@ -186,7 +190,7 @@ class Runner:
             inputs = make_op_inputs(head, n, self.device, self.dtype, requires_grad=mode != "forward")
             n_tokens = n
         flops = FLOP_FACTOR[mode] * n_tokens * head.vocab * head.hidden
-        floor_ms = FLOOR_GEMMS[mode] * floor.min_ms
+        floor_ms = self._floor_ms(head, mode, n_tokens)
         rows: list[dict] = []
         timed: list[tuple[dict, Callable[[], object]]] = []
         for p, errors in passed:
@@ -198,6 +202,7 @@ class Runner:
                 "n_tokens": n_tokens,
                 "mode": mode,
                 "provider": p.name,
+                "peer": p.peer,
                 "label": p.label,
                 "loss": p.step_loss if mode == "step" else None,
                 "floor_ms": floor_ms,
@@ -233,7 +238,7 @@ class Runner:
                 self.device,
                 grad_to_none=inputs.leaves,
                 warmup=0,
-                min_repeats=MIN_REPEATS,
+                min_repeats=self.min_repeats,
                 budget_s=self.budget_s * len(timed),
             )
         for (row, _), timing in zip(timed, timings, strict=True):

@@ -5,12 +5,20 @@ from __future__ import annotations
 from benchmarks.providers.base import MODES, Mode, Provider
 from benchmarks.providers.cce import CutCrossEntropy
 from benchmarks.providers.liger_dpo import LigerDPO
+from benchmarks.providers.liger_flce import LigerFLCE
 from benchmarks.providers.ours import Ours
 from benchmarks.providers.torch_reference import TorchReference
 from benchmarks.providers.trl_chunked import TRLChunked
 
 #: In table order. ``ours`` and ``torch`` always run; the others skip with a reason when unavailable.
-PROVIDERS: tuple[type[Provider], ...] = (Ours, TorchReference, TRLChunked, LigerDPO, CutCrossEntropy)
+PROVIDERS: tuple[type[Provider], ...] = (
+    Ours,
+    TorchReference,
+    TRLChunked,
+    LigerDPO,
+    LigerFLCE,
+    CutCrossEntropy,
+)
 
 
 def all_providers(device: str, names: tuple[str, ...] | None = None) -> list[Provider]:

@@ -40,6 +40,9 @@ class Provider:
 
     name: str = ""
     label: str = ""
+    #: The project a provider stands for (``ours``, ``torch``, ``trl``, ``liger``, ``cce``): several providers
+    #: (Liger's two APIs, our step's routes) share one; empty means ``name``.
+    peer: str = ""
     modes: tuple[Mode, ...] = MODES
     step_loss: Literal["wpo", "dpo"] = "wpo"
     #: False where the implementation cannot take precomputed reference log-probs (they count as 0).
@@ -47,6 +50,7 @@ class Provider:
 
     def __init__(self, device: str) -> None:
         self.device = device
+        self.peer = self.peer or self.name
 
     def available(self) -> tuple[bool, str]:
         """``(True, "")``, or ``(False, why)`` when the package is missing or cannot run on this device."""

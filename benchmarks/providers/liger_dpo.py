@@ -23,6 +23,7 @@ from benchmarks.shapes import Head
 class LigerDPO(Provider):
     name = "liger"
     label = "Liger DPO (no WPO)"
+    peer = "liger"
     modes = ("step",)
     step_loss = "dpo"
     takes_ref_logps = False
