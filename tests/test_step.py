@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from tests.helpers import make_preference_batch
-from wpo_kernels import FusedLinearWPOLoss, fused_linear_wpo_loss
+from tests.helpers import make_inputs, make_preference_batch
+from wpo_kernels import FusedLinearWPOLoss, custom_ops, fused_linear_logprobs, fused_linear_wpo_loss
 from wpo_kernels.kernels.launch_plan import (
     DEFAULT_MEMORY_BUDGET,
     RECOMPUTE_SLAB_ROWS,
@@ -264,3 +264,62 @@ def test_real_allocations_equal_the_plan(dtype: torch.dtype, budget: int | None,
     created = sum(mode.created.values()) - sum(t.untyped_storage().nbytes() for t in returned)
     assert created == plan.workspace_bytes
     assert plan.routes == (("recompute",) if budget == 0 else ("one_pass",))
+
+
+# --- ignored rows never reach a GEMM ----------------------------------------------------------------------
+
+
+def test_log_probs_op_runs_only_kept_rows(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    """``fused_linear_logprobs(backend="triton")``: the kernels and GEMMs see the kept rows only, every
+    output is 0 at ignored rows and so is their gradient."""
+
+    rows_seen: list[int] = []
+    for name in ("vocab_stats", "linear_logprobs_backward"):
+        original = getattr(custom_ops, name)
+
+        def recorded(backend, hidden, *args, _original=original, **kwargs):
+            rows_seen.append(hidden.shape[0])
+            return _original(backend, hidden, *args, **kwargs)
+
+        monkeypatch.setattr(custom_ops, name, recorded)
+    inputs = make_inputs(20, 8, 30, torch.float32, device, bias=True, n_ignored=7)
+    out = fused_linear_logprobs(
+        inputs["hidden"],
+        inputs["weight"],
+        inputs["targets"],
+        bias=inputs["bias"],
+        backend="triton",
+        outputs=("lse", "log_max_prob", "log_sum_sq_probs", "entropy"),
+    )
+    out.logprobs.sum().backward()
+    assert rows_seen == [13, 13]
+    for name, value in out.as_dict().items():
+        assert torch.equal(value[:7], torch.zeros_like(value[:7])), name
+        assert (value[7:] != 0).all(), name
+    assert torch.equal(inputs["hidden"].grad[:7], torch.zeros_like(inputs["hidden"].grad[:7]))
+
+
+def test_step_gemms_cover_kept_rows_only() -> None:
+    """The step plan's chunks cover exactly the kept tokens: half of them ignored, half the rows."""
+    y = torch.randint(0, VOCAB, (4, 10))
+    full = pair_layout(y, -100)
+    y[:, :5] = -100
+    half = pair_layout(y, -100)
+    plans = [
+        step_plan(
+            layout.offsets,
+            VOCAB,
+            WIDTH,
+            torch.bfloat16,
+            memory_budget=budget,
+            has_bias=False,
+            has_softcap=False,
+            sm_count=132,
+        )
+        for layout in (full, half)
+        for budget in (0, DEFAULT_MEMORY_BUDGET)
+    ]
+    assert [p.kept for p in plans] == [40, 40, 20, 20]
+    # pair after pair: chosen 0 (batch row 0), rejected 0 (row 2), chosen 1 (row 1), rejected 1 (row 3)
+    assert half.kept_rows.tolist() == [*range(5, 10), *range(25, 30), *range(15, 20), *range(35, 40)]
+    assert half.row_sequence.tolist() == [0] * 5 + [2] * 5 + [1] * 5 + [3] * 5

@@ -454,7 +454,7 @@ def _start(
         layout,
         hidden.reshape(-1, width),
         weight,
-        bias,
+        None if bias is None else bias.contiguous(),  # the kernels read it at unit stride
         targets.reshape(-1),
         layout.row_sequence,
         transform,
