@@ -2,12 +2,14 @@
 
 For the common layout where the batch is ``[chosen; rejected]`` concatenated along the first dimension
 (as TRL's ``DPOTrainer`` and Liger's ``LigerFusedLinearDPOLoss`` lay it out). The ``[N, V]`` logits are
-never materialised, forward or backward.
+never materialised, forward or backward; at most a chunk of ``[rows, V]`` within ``memory_budget``.
 
-On the torch fallback (CPU) a paired loss with gradients runs in one GEMM pass
-(:mod:`wpo_kernels.fallback_step`): each pair's gradient is formed while its logits are in hand, and the
-loss's backward only scales it (:class:`LossWithGradients`). Elsewhere (Triton, KTO, no gradient) the
-per-token log-probs come from :func:`fused_linear_logprobs` and autograd does the rest.
+A paired loss with gradients is one training step, in stages: checks → reference log-probs →
+:class:`_PairedLoss` (weights, loss, per-chunk pair coefficients) → the step, chunk by chunk of whole
+pairs, forming each pair's gradient while its logits are in hand (the torch fallback,
+:mod:`wpo_kernels.fallback_step`; the Triton routes, :mod:`wpo_kernels.kernels.step`); the loss's backward
+only scales those gradients (:class:`LossWithGradients`). KTO and calls without a gradient take the
+per-token log-probs of :func:`fused_linear_logprobs`, and autograd does the rest.
 """
 
 from __future__ import annotations
