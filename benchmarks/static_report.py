@@ -61,6 +61,7 @@ from wpo_kernels.autograd import resolve_backend
 from wpo_kernels.kernels.backward import triton_linear_logprobs_backward
 from wpo_kernels.kernels.forward import triton_vocab_stats
 from wpo_kernels.kernels.launch_plan import TileConfig
+from wpo_kernels.kernels.step import GPU_CONFIG as GPU_STEP_CONFIG
 from wpo_kernels.kernels.step import launch_logit_grad, launch_row_stats
 from wpo_kernels.types import LogitTransform
 
@@ -282,9 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # --- the paired training step (issue 18): its kernels and its plan rows -----------------------------------
 
@@ -309,6 +307,10 @@ def step_compile_jobs() -> list[CompileJob]:
             key = (DTYPE_NAMES[dtype], *launch_key(launch.kernel, launch.args, launch.kwargs))
             if key not in jobs:
                 jobs[key] = _job(launch, launch.kwargs, None, DTYPE_NAMES[dtype])
+                # the whole tile (one row per program), as the other entries report theirs
+                c = GPU_STEP_CONFIG
+                jobs[key].config = {"BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_D": c.block_d,
+                                    "num_warps": c.num_warps, "num_stages": c.num_stages}
     return list(jobs.values())
 
 
@@ -359,3 +361,7 @@ def step_markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['floor_ms']:.1f} | {r['predicted_ratio']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -171,3 +171,17 @@ def test_launch_specialisation_is_the_jits() -> None:
     assert odd["stride_wd"] == "('constexpr', 1)"
     for name in ("W_ptr", "N", "D", "stride_wv"):
         assert not odd[name].endswith("'D')"), (name, odd[name])
+
+
+def test_step_rows_and_kernels(report: dict) -> None:
+    """The paired training step (issue 18): its plan rows and its two kernels, every dtype, without
+    spills or atomics (the rows' own promises: tests/test_step_report.py)."""
+    step = [p for p in report["plan"] if p["pass"] == "step"]
+    assert len(step) == 2 * 3 * 2 * 2
+    assert all({"workspace_bytes", "predicted_ratio", "route"} <= set(p) for p in step)
+    names = ("_row_stats_kernel", "_logit_grad_kernel")
+    kernels = [k for k in report["kernels"] if k["name"] in names]
+    assert {(k["name"], k["dtype"]) for k in kernels} == {
+        (name, dtype) for name in names for dtype in ("bf16", "fp16", "fp32")
+    }
+    assert all(k["spill_bytes"] == 0 and k["atomics"] == [] for k in kernels)
