@@ -34,11 +34,13 @@ fastest (what the autotuner converges to).
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from wpo_kernels.kernels.launch_plan import Gemm, KernelLaunch, PassPlan, TileConfig, cdiv
+from wpo_kernels.kernels.launch_plan import Gemm, KernelLaunch, PassPlan, StepPlan, TileConfig, cdiv
 
 
 @dataclass(frozen=True)
@@ -377,3 +379,73 @@ def _elementwise_launches(plan: PassPlan) -> int:
     if plan.pass_name != "backward" or plan.buffer("grad_hidden_slab") is None:
         return 0
     return sum(g.count for g in plan.gemms if g.name == "grad_hidden") + cdiv(plan.n, plan.slab_rows)
+
+
+# --- the paired training step (issue 18): a self-contained model of launch_plan.StepPlan -------------------
+
+#: The H200 run's plan timing: the measured cuBLAS GEMM and the recompute route's measured ratios.
+PLAN_TIMING = Path(__file__).parent / "results" / "h200-2026-11-26-plan_timing.json"
+#: One loss evaluation per chunk (the pairs' coefficients: ~50 small kernels), and the handful of
+#: launches around each chunk's GEMMs: HOPPER_REVIEW §3.2's 0.1 ms, an assumption.
+STEP_CHUNK_OVERHEAD_S = 0.1e-3
+
+
+@dataclass(frozen=True)
+class MeasuredHead:
+    """What the H200 measured for one head at one N (``PLAN_TIMING``): the cuBLAS head GEMM's FLOP/s and
+    the recompute kernels' forward ÷ one GEMM and backward ÷ three GEMMs."""
+
+    gemm_flops: float
+    forward_ratio: float
+    backward_ratio: float
+
+
+def measured_head(head: str, n: int, vocab: int, hidden: int, path: Path = PLAN_TIMING) -> MeasuredHead:
+    """The measured row of ``head`` (a ``[vocab, hidden]`` head) whose N is nearest ``n``, in log scale
+    (ratios and GEMM rates move little between 1k and 16k tokens)."""
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["head"] == head]
+    row = min(rows, key=lambda r: abs(math.log(r["n"] / max(n, 1))))
+    rate = 2 * row["n"] * vocab * hidden / (row["gemm_ms"] * 1e-3)
+    return MeasuredHead(rate, row["forward_ratio"], row["backward_ratio"])
+
+
+@dataclass
+class StepPrediction:
+    """Predicted seconds of one training step of the head, the floor (three cuBLAS GEMMs over the kept
+    rows at the measured rate), and the parts."""
+
+    seconds: float
+    floor_seconds: float
+    parts: dict[str, float]
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.floor_seconds if self.floor_seconds else 1.0
+
+
+def predict_step(plan: StepPlan, measured: MeasuredHead, hw: Hopper = H100) -> StepPrediction:
+    """Predicted H100 time of a :class:`~wpo_kernels.kernels.launch_plan.StepPlan` (HOPPER_REVIEW §3.2):
+
+    - one-pass chunks: three GEMMs over their rows at ``measured.gemm_flops``; the row-statistics read
+      and the in-place gradient's read + write of the ``[rows, V]`` logits (3·rows·V elements) and the
+      gathers / scatter of hidden and dH rows (4·rows·H) at ``hw.hbm_bytes_per_s``, not overlapped;
+      half of a ``dW`` read + write per chunk after the first (the other half hidden under the GEMM);
+      :data:`STEP_CHUNK_OVERHEAD_S` per chunk;
+    - recompute chunks: per slab, the measured recompute ratios (forward ÷ one GEMM + backward ÷ three),
+      plus the gathers and the dH scatter.
+    """
+    e, v, h = plan.dtype.itemsize, plan.v, plan.h
+    gemm = lambda rows: 2 * rows * v * h / measured.gemm_flops  # noqa: E731
+    parts = dict.fromkeys(("gemms", "logits_passes", "dw_rmw", "rows", "recompute", "overhead"), 0.0)
+    one_pass = [c for c in plan.chunks if c.route == "one_pass" and c.rows]
+    for chunk in one_pass:
+        parts["gemms"] += 3 * gemm(chunk.rows)
+        parts["logits_passes"] += 3 * chunk.rows * v * e / hw.hbm_bytes_per_s
+    parts["dw_rmw"] = max(len(one_pass) - 1, 0) * v * h * e / hw.hbm_bytes_per_s
+    for chunk in (c for c in plan.chunks if c.route == "recompute"):
+        for start, stop in chunk.slabs():
+            g = gemm(stop - start)
+            parts["recompute"] += g * measured.forward_ratio + 3 * g * measured.backward_ratio
+    parts["rows"] = 4 * plan.kept * h * e / hw.hbm_bytes_per_s
+    parts["overhead"] = STEP_CHUNK_OVERHEAD_S * sum(1 for c in plan.chunks if c.rows)
+    return StepPrediction(sum(parts.values()), 3 * gemm(plan.kept), parts)

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.cost_model import H100
-from wpo_kernels.kernels.launch_plan import PassPlan, backward_plan, forward_plan
+from wpo_kernels.kernels.launch_plan import (
+    DEFAULT_MEMORY_BUDGET,
+    PassPlan,
+    StepPlan,
+    backward_plan,
+    forward_plan,
+    step_plan,
+)
 
 
 @dataclass(frozen=True)
@@ -35,4 +42,30 @@ def plans(
     return (
         forward_plan(n, head.vocab, head.hidden, dtype, need_mean=need_mean, **common),
         backward_plan(n, head.vocab, head.hidden, dtype, **common),
+    )
+
+
+# --- the paired training step's plan points (issue 18) ------------------------------------------------------
+
+#: Tokens per sequence at the step's plan points: N tokens are N / 512 sequences, N / 1024 pairs.
+STEP_SEQUENCE = 512
+#: Shares of each sequence at ``ignore_index`` (its prompt, at the start).
+STEP_IGNORED = (0.0, 0.5)
+#: The budgets: the default (it holds every plan point's chunk, so every pair runs in one pass) and 0,
+#: the smallest (every pair on the recompute route).
+STEP_BUDGETS = {"default": DEFAULT_MEMORY_BUDGET, "smallest": 0}
+
+
+def step_offsets(n: int, ignored: float) -> list[int]:
+    """Pair-major prefix sums of kept tokens: ``n / STEP_SEQUENCE`` sequences, the first ``ignored``
+    share of each ignored."""
+    kept = STEP_SEQUENCE - round(ignored * STEP_SEQUENCE)
+    return [k * kept for k in range(n // STEP_SEQUENCE + 1)]
+
+
+def step_plan_for(head: Head, n: int, ignored: float, memory_budget: int) -> StepPlan:
+    """The step plan of one plan point (bf16, no bias, the head's softcap, every gradient but the bias's)."""
+    return step_plan(
+        step_offsets(n, ignored), head.vocab, head.hidden, torch.bfloat16, memory_budget=memory_budget,
+        has_bias=False, has_softcap=head.softcap is not None, sm_count=H100.sm_count,
     )

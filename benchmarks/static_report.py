@@ -8,6 +8,10 @@ launches at real LM-head shapes, with the cost model's predicted time. No GPU ne
                   "wgmma", "atomics"}],
      "plan": [{"head", "n", "pass", "programs", "sm_count", "workspace_bytes", "predicted_ratio"}]}
 
+Plan rows with ``pass = "step"`` (the paired training step, :func:`step_plan_rows`) add ``ignored``,
+``budget``, ``memory_budget``, ``route``, ``chunks``, ``kept_rows``, ``gemm_flops``, ``predicted_ms`` and
+``floor_ms``; the step's two kernels are compiled like the others (:func:`step_compile_jobs`).
+
 Kernels: the real launchers run on ``meta`` tensors at every plan point (``benchmarks/launch_compile.py``
 records their launches); each distinct launch specialisation is compiled once per shipped autotune
 config, for bf16, fp16 and fp32 (fp32 reaches a Triton kernel only with tf32 allowed, see
@@ -25,6 +29,7 @@ no bias, ``sm_count`` 132; ``workspace_bytes`` from the plan, ``predicted_ratio`
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import multiprocessing
@@ -40,14 +45,24 @@ from typing import Any
 import torch
 import triton
 
-from benchmarks.cost_model import CompiledKernel, Epilogue, KernelFacts, predict
+from benchmarks.cost_model import CompiledKernel, Epilogue, KernelFacts, measured_head, predict, predict_step
 from benchmarks.launch_compile import CapturedLaunch, capture, compile_facts, launch_key, launch_source
 from benchmarks.lever_predictions import lever_rows
-from benchmarks.plan_points import HEADS, TOKENS, Head, plans
+from benchmarks.plan_points import (
+    HEADS,
+    STEP_BUDGETS,
+    STEP_IGNORED,
+    TOKENS,
+    Head,
+    plans,
+    step_plan_for,
+)
 from wpo_kernels.autograd import resolve_backend
 from wpo_kernels.kernels.backward import triton_linear_logprobs_backward
 from wpo_kernels.kernels.forward import triton_vocab_stats
 from wpo_kernels.kernels.launch_plan import TileConfig
+from wpo_kernels.kernels.step import GPU_CONFIG as GPU_STEP_CONFIG
+from wpo_kernels.kernels.step import launch_logit_grad, launch_row_stats
 from wpo_kernels.types import LogitTransform
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -257,14 +272,95 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter skips code generation")
     start = time.perf_counter()
-    entries = kernel_entries(compile_jobs(args.all_switches), args.workers)
+    entries = kernel_entries(compile_jobs(args.all_switches) + step_compile_jobs(), args.workers)
     facts = kernel_facts(entries)
-    plan = plan_rows(facts)
-    report = {"kernels": [{f: e[f] for f in JSON_FIELDS} for e in entries], "plan": plan}
+    plan, step = plan_rows(facts), step_plan_rows()
+    report = {"kernels": [{f: e[f] for f in JSON_FIELDS} for e in entries], "plan": plan + step}
     args.json.write_text(json.dumps(report, indent=1) + "\n")
-    args.json.with_suffix(".md").write_text(markdown(entries, plan, facts, time.perf_counter() - start))
-    print(f"{len(entries)} kernel variants, {len(plan)} plan rows -> {args.json}")
+    text = markdown(entries, plan, facts, time.perf_counter() - start) + step_markdown(step)
+    args.json.with_suffix(".md").write_text(text)
+    print(f"{len(entries)} kernel variants, {len(plan) + len(step)} plan rows -> {args.json}")
     return 0
+
+
+
+# --- the paired training step (issue 18): its kernels and its plan rows -----------------------------------
+
+
+def step_compile_jobs() -> list[CompileJob]:
+    """The step's two kernels (``wpo_kernels/kernels/step.py``), launched by their launchers on ``meta``
+    tensors of the Llama-3-8B head: every dtype, the switches all off and all on, and the plan points'
+    own (bf16, the head's softcap, the sampled alignment's statistic)."""
+    head = HEADS["Llama-3-8B"]
+    variants = [(dtype, False, False, None) for dtype in triton_dtypes()]
+    variants += [(dtype, True, True, "log_sum_sq_probs") for dtype in triton_dtypes()]
+    variants += [(torch.bfloat16, False, h.softcap is not None, "log_sum_sq_probs") for h in HEADS.values()]
+    jobs: dict[tuple, CompileJob] = {}
+    for dtype, bias, softcap, statistic in variants:
+        logits = torch.empty(1024, head.vocab, dtype=dtype, device="meta")
+        bias_t = torch.empty(head.vocab, dtype=dtype, device="meta") if bias else None
+        rows = torch.empty(1024, dtype=torch.int64, device="meta")
+        per_row = torch.empty(1024, dtype=torch.float32, device="meta")
+        transform = LogitTransform(softcap=30.0 if softcap else None)
+        calls = functools.partial(_step_launches, logits, bias_t, rows, per_row, statistic, transform)
+        for launch in capture(calls):
+            key = (DTYPE_NAMES[dtype], *launch_key(launch.kernel, launch.args, launch.kwargs))
+            if key not in jobs:
+                jobs[key] = _job(launch, launch.kwargs, None, DTYPE_NAMES[dtype])
+                # the whole tile (one row per program), as the other entries report theirs
+                c = GPU_STEP_CONFIG
+                jobs[key].config = {"BLOCK_N": c.block_n, "BLOCK_V": c.block_v, "BLOCK_D": c.block_d,
+                                    "num_warps": c.num_warps, "num_stages": c.num_stages}
+    return list(jobs.values())
+
+
+def _step_launches(logits, bias, rows, per_row, statistic, transform) -> None:
+    launch_row_stats(logits, bias, rows, rows, per_row, per_row, statistic, per_row, transform)
+    launch_logit_grad(logits, bias, rows, per_row, per_row, transform)
+
+
+def step_plan_rows() -> list[dict[str, Any]]:
+    """``pass = "step"`` rows: both heads × N × ignored share × budget (``benchmarks/plan_points.py``):
+    the route(s), chunks, kept rows, the three GEMMs' FLOPs over them, the workspace, and the predicted
+    time ÷ three cuBLAS GEMMs over the kept rows (``cost_model.predict_step``, a prediction)."""
+    rows = []
+    for (name, head), n, ignored, (budget_name, budget) in itertools.product(
+        HEADS.items(), TOKENS, STEP_IGNORED, STEP_BUDGETS.items()
+    ):
+        plan = step_plan_for(head, n, ignored, budget)
+        prediction = predict_step(plan, measured_head(name, plan.kept, head.vocab, head.hidden))
+        rows.append({
+            "head": name, "n": n, "pass": "step", "ignored": ignored, "budget": budget_name,
+            "memory_budget": budget, "route": "+".join(plan.routes),
+            "chunks": sum(1 for c in plan.chunks if c.rows), "kept_rows": plan.kept,
+            "gemm_flops": 3 * 2 * plan.kept * head.vocab * head.hidden,
+            "programs": max(c.rows for c in plan.chunks), "sm_count": plan.sm_count,
+            "workspace_bytes": plan.workspace_bytes, "predicted_ms": round(prediction.seconds * 1e3, 2),
+            "floor_ms": round(prediction.floor_seconds * 1e3, 2),
+            "predicted_ratio": round(prediction.ratio, 4),
+        })
+    return rows
+
+
+def step_markdown(rows: list[dict[str, Any]]) -> str:
+    """The step rows as a markdown table (predictions, labelled so)."""
+    lines = [
+        "",
+        "Training step (`pass = step`, issue 18): predicted H100 time of the paired step ÷ three cuBLAS "
+        "GEMMs over the kept rows (`cost_model.predict_step`: GEMMs at the H200's measured rate, memory "
+        "passes at 3.0 TB/s; predictions, not measurements).",
+        "",
+        "| head | N | ignored | budget | route | chunks | kept rows | workspace (MiB) | predicted (ms) "
+        "| 3 GEMMs (ms) | predicted ÷ 3 GEMMs |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['head']} | {r['n']} | {r['ignored']:.0%} | {r['budget']} | {r['route']} | {r['chunks']} "
+            f"| {r['kept_rows']} | {r['workspace_bytes'] / 2**20:.0f} | {r['predicted_ms']:.1f} "
+            f"| {r['floor_ms']:.1f} | {r['predicted_ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import pad, use_adapter  # noqa: E402
 
 from wpo_kernels.autograd import BACKENDS as _BACKENDS  # noqa: E402
+from wpo_kernels.fused_loss import check_memory_budget  # noqa: E402
 from wpo_kernels.integration.hf import WPOHeadOutput, add_wpo_lm_head  # noqa: E402
 from wpo_kernels.losses import LOSS_TYPES, VARIANTS, check_loss_options, pair_weight, wpo_loss  # noqa: E402
 from wpo_kernels.weights import Alignment, parse_alignment, wpo_weights  # noqa: E402
@@ -115,6 +116,14 @@ class WPOConfig(DPOConfig):
             "choices": list(_BACKENDS),
         },
     )
+    memory_budget: int | None = field(
+        default=None,
+        metadata={
+            "help": "Bytes of workspace the fused training step (wpo_kernels.fused_linear_wpo_loss) may hold "
+            "for its one-pass route: None for the default (2 GiB), 0 to recompute every logit tile. See "
+            "benchmarks/README.md, 'The training step'.",
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,6 +140,7 @@ class WPOConfig(DPOConfig):
             raise ValueError(f"weight_clamp must be a number > 0 or None, got {self.weight_clamp!r}")
         if self.kernel_backend not in _BACKENDS:
             raise ValueError(f"kernel_backend must be one of {list(_BACKENDS)}, got {self.kernel_backend!r}")
+        check_memory_budget(self.memory_budget)
         if self.use_weighting:
             raise ValueError(
                 "use_weighting=True is TRL's own WPO weighting; WPOTrainer weights pairs itself. Leave "

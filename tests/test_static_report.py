@@ -49,7 +49,8 @@ def test_report_shape_and_coverage(report: dict) -> None:
 
     assert set(report) == {"kernels", "plan"}
     assert all(set(k) == KERNEL_KEYS for k in report["kernels"])
-    assert all(set(p) == PLAN_KEYS for p in report["plan"])
+    passes = [p for p in report["plan"] if p["pass"] != "step"]  # the step's rows: tests/test_step_report.py
+    assert all(set(p) == PLAN_KEYS for p in passes)
     for kernel_name in ("vocab_stats", "grad_logits"):
         for config in shipped_configs(kernel_name, interpreter=False):
             for dtype in ("bf16", "fp16"):
@@ -62,7 +63,7 @@ def test_report_shape_and_coverage(report: dict) -> None:
                 ]
                 switch_sets = {tuple(sorted(k["switches"].items())) for k in entries}
                 assert len(switch_sets) >= 2, (kernel_name, config, dtype)
-    points = {(p["head"], p["n"], p["pass"]) for p in report["plan"]}
+    points = {(p["head"], p["n"], p["pass"]) for p in passes}
     assert points == {
         (head, n, pass_name)
         for head in ("Llama-3-8B", "Gemma-2-9B") for n in (1024, 4096, 16384)
@@ -94,7 +95,7 @@ def test_no_fenced_atomics(report: dict) -> None:
 
 
 def test_plan_promises_at_real_heads(report: dict) -> None:
-    for p in report["plan"]:
+    for p in (p for p in report["plan"] if p["pass"] != "step"):
         label = (p["head"], p["n"], p["pass"])
         assert p["sm_count"] == 132
         if p["pass"] == "forward":
@@ -170,3 +171,17 @@ def test_launch_specialisation_is_the_jits() -> None:
     assert odd["stride_wd"] == "('constexpr', 1)"
     for name in ("W_ptr", "N", "D", "stride_wv"):
         assert not odd[name].endswith("'D')"), (name, odd[name])
+
+
+def test_step_rows_and_kernels(report: dict) -> None:
+    """The paired training step (issue 18): its plan rows and its two kernels, every dtype, without
+    spills or atomics (the rows' own promises: tests/test_step_report.py)."""
+    step = [p for p in report["plan"] if p["pass"] == "step"]
+    assert len(step) == 2 * 3 * 2 * 2
+    assert all({"workspace_bytes", "predicted_ratio", "route"} <= set(p) for p in step)
+    names = ("_row_stats_kernel", "_logit_grad_kernel")
+    kernels = [k for k in report["kernels"] if k["name"] in names]
+    assert {(k["name"], k["dtype"]) for k in kernels} == {
+        (name, dtype) for name in names for dtype in ("bf16", "fp16", "fp32")
+    }
+    assert all(k["spill_bytes"] == 0 and k["atomics"] == [] for k in kernels)

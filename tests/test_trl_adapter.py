@@ -300,6 +300,7 @@ def test_trl_fused_head_is_not_installed(tmp_path, records, tokenizer) -> None:
         (dict(wpo_variant="both"), "variant"),
         (dict(weight_clamp=0.0), "weight_clamp"),
         (dict(kernel_backend="cuda"), "kernel_backend"),
+        (dict(memory_budget=-1), "memory_budget"),
         (dict(f_divergence_type="js_divergence"), "f_divergence_type"),
         (dict(ld_alpha=0.5), "ld_alpha"),
         (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing"),

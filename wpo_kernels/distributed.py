@@ -391,7 +391,7 @@ def vocab_parallel_linear_logprobs(
             local = _local_stats(chosen, h, weight_shard, b, y, transform, vocab_start, need_mean)
             stats = combine_vocab_stats(local, weight_shard.shape[0], vocab_size, process_group)
             per_token = per_token_from_stats(stats, y, ignore_index)
-    return outputs_from_stats(per_token, outputs, tuple(targets.shape))
+    return outputs_from_stats(per_token, outputs, tuple(targets.shape), y == ignore_index)
 
 
 def dtensor_vocab_parallel_linear_logprobs(

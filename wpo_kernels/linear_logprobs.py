@@ -146,8 +146,11 @@ def per_token_from_stats(stats: VocabStats, targets: Tensor, ignore_index: int) 
     return logprobs, stats.max_logit, stats.lse, stats.lse2, stats.mean_logit
 
 
-def outputs_from_stats(per_token: PerToken, outputs: Sequence[str], shape: tuple[int, ...]) -> LogprobOutput:
-    """Derive the requested outputs from :data:`PerToken` raw statistics, reshaped to ``shape``."""
+def outputs_from_stats(
+    per_token: PerToken, outputs: Sequence[str], shape: tuple[int, ...], ignored: Tensor
+) -> LogprobOutput:
+    """Derive the requested outputs from :data:`PerToken` raw statistics, reshaped to ``shape``; every
+    statistic is 0 where ``ignored`` (``[N]`` bool: the Triton backend never computes those rows)."""
     logprobs, max_logit, lse, lse2, mean_logit = per_token
     derived = {
         "lse": lambda: lse,
@@ -158,7 +161,8 @@ def outputs_from_stats(per_token: PerToken, outputs: Sequence[str], shape: tuple
     result = LogprobOutput(logprobs=logprobs.reshape(shape))
     for name in outputs:
         if name != "logprobs":
-            setattr(result, name, derived[name]().detach().reshape(shape))
+            value = torch.where(ignored, 0.0, derived[name]().detach())
+            setattr(result, name, value.reshape(shape))
     return result
 
 
@@ -230,9 +234,10 @@ def fused_linear_logprobs(
 
     Returns:
         :class:`LogprobOutput` with ``[...]``-shaped float32 tensors (float64 for float64 inputs).
-        ``logprobs`` is differentiable w.r.t. hidden, weight and bias (once: double backward raises) and
-        is 0 (with no gradient) where ``targets == ignore_index``. An enclosing ``torch.autocast`` is
-        switched off inside (the computation accumulates in fp32 itself).
+        ``logprobs`` is differentiable w.r.t. hidden, weight and bias (once: double backward raises).
+        Every output is 0 (with no gradient) where ``targets == ignore_index``: on the Triton backend
+        those rows are compacted out before the kernels and GEMMs (one host read of their count). An
+        enclosing ``torch.autocast`` is switched off inside (the computation accumulates in fp32 itself).
 
     Example:
         >>> out = fused_linear_logprobs(h, lm_head.weight, labels, outputs=("log_sum_sq_probs",))
@@ -251,8 +256,8 @@ def fused_linear_logprobs(
         and keeps_exp(len(y), len(weight))
     )
     with autocast_disabled(h.device):
-        *per_token, _ = linear_logprobs_op(
+        *per_token, _, _ = linear_logprobs_op(
             h, weight, b, y, ignore_index, logit_scale, softcap, temperature, chosen, "entropy" in outputs,
             bool(fp32_grad_accumulation), keep,
         )
-    return outputs_from_stats(per_token, outputs, tuple(targets.shape))
+    return outputs_from_stats(per_token, outputs, tuple(targets.shape), y == ignore_index)

@@ -52,7 +52,7 @@ def reference_linear_logprobs(
 
     Returns:
         :class:`LogprobOutput` with all five fields, ``[N]`` in the inputs' dtype. ``logprobs`` is
-        differentiable; ignored positions have ``logprobs == 0``.
+        differentiable; every field is 0 at ignored positions.
     """
     z = transformed_logits(
         hidden, weight, bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale
@@ -64,13 +64,15 @@ def reference_linear_logprobs(
     logprobs = log_p.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     logprobs = torch.where(ignored, torch.zeros_like(logprobs), logprobs)
     p = log_p.exp()
-    return LogprobOutput(
-        logprobs=logprobs,
-        lse=lse.detach(),
-        log_max_prob=(z.max(dim=-1).values - lse).detach(),
-        log_sum_sq_probs=torch.log((p * p).sum(dim=-1)).detach(),
-        entropy=-(p * log_p.nan_to_num(neginf=0.0)).sum(dim=-1).detach(),
-    )
+    stats = {
+        "lse": lse,
+        "log_max_prob": z.max(dim=-1).values - lse,
+        "log_sum_sq_probs": torch.log((p * p).sum(dim=-1)),
+        "entropy": -(p * log_p.nan_to_num(neginf=0.0)).sum(dim=-1),
+    }
+    # ignored positions are not scored: every statistic is 0 there too
+    zeroed = {name: torch.where(ignored, 0.0, value).detach() for name, value in stats.items()}
+    return LogprobOutput(logprobs=logprobs, **zeroed)
 
 
 def _reference_token_terms(

@@ -154,6 +154,8 @@ def triton_linear_logprobs_backward(
     grad_hidden_fp32: bool = False,
     fp32_grad_accumulation: bool = False,
     plan: PassPlan | None = None,
+    grad_weight: torch.Tensor | None = None,
+    grad_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_i grad_logprobs[i] * logprobs[i]`` w.r.t. hidden, weight and bias.
 
@@ -163,7 +165,9 @@ def triton_linear_logprobs_backward(
     with ``grad_hidden_fp32``); ``dH`` / ``dW`` are None unless ``need_grad_hidden`` /
     ``need_grad_weight``, ``db`` None without bias. ``fp32_grad_accumulation`` sums ``dW`` over token
     slabs in fp32 and rounds once (by default ``dW`` is rounded once per slab, ``cdiv(N, slab_rows)``
-    times). ``plan`` defaults to :func:`plan_for` these tensors.
+    times). ``plan`` defaults to :func:`plan_for` these tensors. ``grad_weight [V, H]`` (the parameter
+    dtype) / ``grad_bias [V]`` (any float dtype), if given, receive ``+=`` the gradients instead of fresh
+    tensors (the paired step's recompute route adds into its own; they are then returned).
     """
     hidden, weight = addressable_columns(hidden), addressable_columns(weight)
     n, h = hidden.shape
@@ -173,8 +177,11 @@ def triton_linear_logprobs_backward(
         hidden, weight, bias, transform, need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight,
         grad_hidden_fp32=grad_hidden_fp32, fp32_grad_accumulation=fp32_grad_accumulation,
     )
-    dw = torch.empty((v, h), device=device, dtype=dtype) if need_grad_weight else None
-    db = torch.empty((v,), device=device, dtype=dtype) if bias is not None else None
+    dw, db = grad_weight, grad_bias
+    if dw is None and need_grad_weight:
+        dw = torch.empty((v, h), device=device, dtype=dtype)
+    if db is None and bias is not None:
+        db = torch.empty((v,), device=device, dtype=dtype)
     dh_dtype = torch.float32 if grad_hidden_fp32 else dtype
     dh = torch.empty((n, h), device=device, dtype=dh_dtype) if need_grad_hidden else None
     buffers = {b.name: b.empty(device) for b in plan.buffers}
@@ -182,9 +189,9 @@ def triton_linear_logprobs_backward(
     # where dW / db accumulate: the returned tensors, or their fp32 stand-ins
     dw_acc = buffers.get("grad_weight_fp32", dw)
     db_acc = buffers.get("grad_bias_fp32", db)
-    if db_acc is not None:
+    if db_acc is not None and db_acc is not grad_bias:
         db_acc.zero_()
-    if dw_acc is not None and (n == 0 or dw_acc is not dw):
+    if dw_acc is not None and dw_acc is not grad_weight and (n == 0 or dw_acc is not dw):
         dw_acc.zero_()
     nc, vc = plan.slab_rows, plan.chunk_cols
     for n0 in range(0, n, nc):
@@ -218,7 +225,7 @@ def triton_linear_logprobs_backward(
                     chunk_product = buffers["grad_weight_chunk"][:cols]
                     torch.mm(dz.T, h_slab, out=chunk_product)
                     dw_acc[v0 : v0 + cols].add_(chunk_product)
-                elif n0 == 0:
+                elif n0 == 0 and grad_weight is None:
                     torch.mm(dz.T, h_slab, out=dw_acc[v0 : v0 + cols])
                 else:
                     dw_acc[v0 : v0 + cols].addmm_(dz.T, h_slab)
@@ -229,7 +236,7 @@ def triton_linear_logprobs_backward(
         if dh is not None and dh.dtype != torch.float32:
             dh[n0 : n0 + rows].copy_(dh_acc)
     if dw is not None and dw_acc is not dw:
-        dw.copy_(dw_acc)
+        dw.add_(dw_acc) if dw is grad_weight else dw.copy_(dw_acc)
     if db is not None and db_acc is not db:
-        db.copy_(db_acc)
+        db.add_(db_acc) if db is grad_bias else db.copy_(db_acc)
     return dh, dw, db

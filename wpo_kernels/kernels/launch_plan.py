@@ -398,3 +398,196 @@ def _choose_vocab_splits(
 
 def _round_up(x: int, multiple: int) -> int:
     return cdiv(x, multiple) * multiple
+
+
+# --- the paired training step (fused_linear_wpo_loss with gradients, Triton backend) ---------------------
+
+#: ``memory_budget`` when the caller gives None (bytes): 2 GiB. On one 80 GB H100 that is 2.5% of the
+#: memory, and holds one-pass chunks of ~8k kept tokens of a Llama-3 head (V = 128256, bf16) or ~4k of a
+#: Gemma-2 head (V = 256000): every pair of TRL's default ``max_length=1024`` fits in one pass.
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+#: Rows per slab of the recompute route: the gathered hidden rows and their dH live one slab at a time.
+RECOMPUTE_SLAB_ROWS = MAX_SLAB_ROWS
+#: The step's routes: a chunk of whole pairs held as ``[rows, V]`` logits, or today's recompute kernels.
+ROUTES = ("one_pass", "recompute")
+
+
+def pair_groups(offsets: list[int], rows: int) -> list[tuple[int, int, bool]]:
+    """Consecutive pairs grouped greedily into chunks of at most ``rows`` kept tokens.
+
+    ``offsets`` (``2B + 1``) are the pair-major prefix sums of the sequences' kept tokens (see
+    :mod:`wpo_kernels.pair_layout`). Returns ``(first, last, fits)`` per group of pairs
+    ``[first, last)``: ``fits`` is False for a pair longer than ``rows`` (alone in its group).
+    """
+    groups, pair, n_pairs = [], 0, (len(offsets) - 1) // 2
+    while pair < n_pairs:
+        last = pair + 1
+        while last < n_pairs and offsets[2 * last + 2] - offsets[2 * pair] <= rows:
+            last += 1
+        groups.append((pair, last, offsets[2 * last] - offsets[2 * pair] <= rows))
+        pair = last
+    return groups
+
+
+@dataclass(frozen=True)
+class StepChunk:
+    """Pairs ``[first_pair, last_pair)``, kept tokens ``[start, stop)`` (pair-major), on ``route``."""
+
+    route: str
+    first_pair: int
+    last_pair: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def slabs(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each recompute slab of this chunk (one, the chunk, on the one-pass route)."""
+        if self.route == "one_pass":
+            return [(self.start, self.stop)]
+        step = RECOMPUTE_SLAB_ROWS
+        return [(s, min(s + step, self.stop)) for s in range(self.start, self.stop, step)]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything the paired step allocates and launches for one batch.
+
+    ``chunk_rows``: the most kept tokens a one-pass chunk may hold under ``memory_budget``; ``chunks`` in
+    order; ``buffers``: the step's own workspace (allocated once); ``recompute``: the ``(forward,
+    backward)`` plans of each recompute slab, whose launchers allocate their workspace (and their ``[4,
+    S]`` statistics and ``[S, H]`` dH) per slab. ``workspace_bytes`` is the peak: the buffers plus the
+    largest slab's transient bytes (``transient_bytes``: its statistics, dH and launch workspaces).
+    """
+
+    v: int
+    h: int
+    dtype: torch.dtype
+    sm_count: int
+    memory_budget: int
+    chunk_rows: int
+    chunks: tuple[StepChunk, ...]
+    buffers: tuple[Buffer, ...]
+    recompute: tuple[tuple[PassPlan, PassPlan], ...]
+    transient_bytes: int = 0
+    need_grad_hidden: bool = True
+    need_grad_weight: bool = True
+    need_grad_bias: bool = False
+
+    @property
+    def kept(self) -> int:
+        return sum(c.rows for c in self.chunks)
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """The routes the chunks take, in :data:`ROUTES` order."""
+        return tuple(r for r in ROUTES if any(c.route == r for c in self.chunks))
+
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers) + self.transient_bytes
+
+    def buffer(self, name: str) -> Buffer | None:
+        """The buffer called ``name``, None if this plan has none."""
+        return next((b for b in self.buffers if b.name == name), None)
+
+
+def one_pass_row_bytes(v: int, h: int, dtype: torch.dtype, need_grad_hidden: bool) -> int:
+    """Workspace bytes per kept token of a one-pass chunk: its logits row, its gathered hidden row (and
+    dH row), its target, log-sum-exp and coefficient."""
+    return (v + h * (2 if need_grad_hidden else 1)) * dtype.itemsize + 8 + 4 + 4
+
+
+def step_plan(
+    offsets: list[int],
+    v: int,
+    h: int,
+    dtype: torch.dtype,
+    *,
+    memory_budget: int,
+    has_bias: bool,
+    has_softcap: bool,
+    sm_count: int,
+    interpreter: bool = False,
+    need_grad_hidden: bool = True,
+    need_grad_weight: bool = True,
+    need_grad_bias: bool = False,
+) -> StepPlan:
+    """The paired step of a batch whose kept tokens have pair-major prefix sums ``offsets``.
+
+    One-pass chunks hold ``chunk_rows = (memory_budget − fixed) // one_pass_row_bytes`` kept tokens at
+    most (fixed: the per-sequence coefficients and the fp32 bias-gradient accumulators); pairs longer than
+    that form recompute chunks (consecutive ones merged), walked in slabs of ``RECOMPUTE_SLAB_ROWS``.
+    Buffers: ``logits [R, V]``, ``hidden_rows [R, H]``, ``grad_hidden_rows [R, H]`` (with dH, in ``dtype``),
+    ``row_targets [R]`` int64, ``row_lse`` / ``row_coefficient [R]`` fp32 (``R`` the largest one-pass
+    chunk); ``sequence_coefficient [2B]`` fp32; with a bias gradient ``grad_bias_chunk [V]`` fp32 and,
+    for half precision, ``grad_bias_fp32 [V]``; with recompute chunks ``recompute_hidden_rows [S, H]``,
+    ``recompute_targets [S]``, ``recompute_coefficient [S]`` and ``recompute_lse [Rc]`` (``S`` the
+    largest slab, ``Rc`` the largest recompute chunk).
+    """
+    fixed = [Buffer("sequence_coefficient", (len(offsets) - 1,), torch.float32)]
+    if need_grad_bias:
+        fixed.append(Buffer("grad_bias_chunk", (v,), torch.float32))
+        if dtype != torch.float32:
+            fixed.append(Buffer("grad_bias_fp32", (v,), torch.float32))
+    spare = memory_budget - sum(b.nbytes for b in fixed)
+    chunk_rows = max(0, spare // one_pass_row_bytes(v, h, dtype, need_grad_hidden))
+    chunks: list[StepChunk] = []
+    for first, last, fits in pair_groups(offsets, chunk_rows):
+        route = "one_pass" if fits else "recompute"
+        if route == "recompute" and chunks and chunks[-1].route == "recompute":
+            first = chunks.pop().first_pair  # consecutive long pairs: one recompute chunk
+        chunks.append(StepChunk(route, first, last, offsets[2 * first], offsets[2 * last]))
+    buffers = fixed + _one_pass_buffers(chunks, v, h, dtype, need_grad_hidden)
+    slabs = Counter(stop - start for c in chunks if c.route == "recompute" for start, stop in c.slabs())
+    recompute = []
+    if slabs:
+        s = max(slabs)
+        buffers += [
+            Buffer("recompute_hidden_rows", (s, h), dtype),
+            Buffer("recompute_targets", (s,), torch.int64),
+            Buffer("recompute_coefficient", (s,), torch.float32),
+            Buffer("recompute_lse", (max(c.rows for c in chunks if c.route == "recompute"),), torch.float32),
+        ]
+        common = {
+            "has_bias": has_bias, "has_softcap": has_softcap, "sm_count": sm_count, "interpreter": interpreter
+        }
+        grads = {"need_grad_hidden": need_grad_hidden, "need_grad_weight": need_grad_weight}
+        recompute = [
+            (
+                forward_plan(n, v, h, dtype, need_mean=False, **common),
+                backward_plan(n, v, h, dtype, **grads, **common),
+            )
+            for n in sorted(slabs)
+        ]
+    # per recompute slab: the forward's [4, S] fp32 statistics and the backward's [S, H] dH, and the plans'
+    transient = max(
+        (
+            fwd.n * 16 + need_grad_hidden * fwd.n * h * dtype.itemsize + fwd.workspace_bytes
+            + bwd.workspace_bytes
+            for fwd, bwd in recompute
+        ),
+        default=0,
+    )
+    return StepPlan(
+        v, h, dtype, sm_count, memory_budget, chunk_rows, tuple(chunks), tuple(buffers), tuple(recompute),
+        transient, need_grad_hidden, need_grad_weight, need_grad_bias,
+    )
+
+
+def _one_pass_buffers(
+    chunks: list[StepChunk], v: int, h: int, dtype: torch.dtype, need_grad_hidden: bool
+) -> list[Buffer]:
+    rows = max((c.rows for c in chunks if c.route == "one_pass"), default=0)
+    if rows == 0:
+        return []
+    buffers = [Buffer("logits", (rows, v), dtype), Buffer("hidden_rows", (rows, h), dtype)]
+    if need_grad_hidden:
+        buffers.append(Buffer("grad_hidden_rows", (rows, h), dtype))
+    return buffers + [
+        Buffer("row_targets", (rows,), torch.int64),
+        Buffer("row_lse", (rows,), torch.float32),
+        Buffer("row_coefficient", (rows,), torch.float32),
+    ]
