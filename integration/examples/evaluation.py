@@ -18,15 +18,17 @@ from wpo_kernels.integration.hf import causal_lm_hidden_and_head
 
 def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, records: Sequence[dict[str, str]]) -> list[dict]:
     """TRL's tokenised layout: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (completions end in EOS)."""
+    if not records:
+        return []
     eos = tokenizer.eos_token
-    out = []
-    for r in records:
-        prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        chosen = tokenizer(r["prompt"] + r["chosen"] + eos, add_special_tokens=False)["input_ids"]
-        rejected = tokenizer(r["prompt"] + r["rejected"] + eos, add_special_tokens=False)["input_ids"]
-        n = len(prompt)
-        out.append({"prompt_ids": prompt, "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]})
-    return out
+    ids = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = ids([r["prompt"] for r in records])
+    chosen = ids([r["prompt"] + r["chosen"] + eos for r in records])
+    rejected = ids([r["prompt"] + r["rejected"] + eos for r in records])
+    return [
+        {"prompt_ids": p, "chosen_ids": c[len(p) :], "rejected_ids": r[len(p) :]}
+        for p, c, r in zip(prompts, chosen, rejected, strict=True)
+    ]
 
 
 def preference_batches(
@@ -48,6 +50,15 @@ def completion_logps(model: nn.Module, batch: dict[str, Tensor], backend: str = 
     return head.logprobs(hidden[:, :-1], labels[:, 1:], backend=backend).logprobs.sum(dim=-1)
 
 
+def sft_loss(model: nn.Module, batch: dict[str, Tensor], backend: str = "auto") -> Tensor:
+    """Mean NLL of the completion tokens (``completion_mask``) of ``batch`` (``input_ids``,
+    ``attention_mask``, ``completion_mask`` ``[B, T]`` long), computed by the fused head; a scalar."""
+    hidden, head = causal_lm_hidden_and_head(model, batch)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+    logps = head.logprobs(hidden[:, :-1], labels, backend=backend).logprobs
+    return -logps.sum() / (labels != -100).sum().clamp(min=1)
+
+
 def sft_warmup(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -59,6 +70,7 @@ def sft_warmup(
     device: str,
     seed: int = 0,
     backend: str = "auto",
+    desc: str = "SFT warm-up",
 ) -> list[float]:
     """Supervised warm-up on the chosen completions: AdamW on the mean completion-token NLL, computed by
     the fused head. Returns the loss of every step."""
@@ -73,15 +85,11 @@ def sft_warmup(
     examples = tokenize_pairs(tokenizer, records)
     g = torch.Generator().manual_seed(seed)
     losses = []
-    bar = tqdm(range(steps), desc="SFT warm-up", dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
     for step in bar:
         idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx]).items()}
-        chosen = {k: v[:batch_size] for k, v in batch.items()}  # chosen rows come first
-        hidden, head = causal_lm_hidden_and_head(model, chosen)
-        labels = chosen["input_ids"].masked_fill(chosen["completion_mask"] == 0, -100)[:, 1:]
-        logps = head.logprobs(hidden[:, :-1], labels, backend=backend).logprobs
-        loss = -logps.sum() / (labels != -100).sum().clamp(min=1)
+        loss = sft_loss(model, {k: v[:batch_size] for k, v in batch.items()}, backend)  # chosen rows first
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -154,13 +162,68 @@ def tokenize_answers(
     tokenizer: PreTrainedTokenizerBase, records: Sequence[dict[str, str]]
 ) -> list[tuple[list[int], list[int]]]:
     """``(prompt_ids, answer_ids)`` of each record's ``prompt`` and correct ``chosen`` answer (+ EOS)."""
+    if not records:
+        return []
     eos = tokenizer.eos_token
-    out = []
-    for r in records:
-        prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        full = tokenizer(r["prompt"] + r["chosen"] + eos, add_special_tokens=False)["input_ids"]
-        out.append((prompt, full[len(prompt) :]))
-    return out
+    prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
+    full = tokenizer([r["prompt"] + r["chosen"] + eos for r in records], add_special_tokens=False)[
+        "input_ids"
+    ]
+    return [(p, f[len(p) :]) for p, f in zip(prompts, full, strict=True)]
+
+
+@dataclass
+class AnswerSet:
+    """Prompts and their correct answers as tensors, grouped by (prompt length, answer length).
+
+    ``groups``: ``(positions [k] long, prompt_ids [k, P] long, answer_ids [k, n] long)`` per length
+    pair, ``positions`` indexing the items in their original order; ``size``: the number of items.
+    """
+
+    groups: list[tuple[Tensor, Tensor, Tensor]]
+    size: int
+
+    @classmethod
+    def of(cls, items: Sequence[tuple[list[int], list[int]]]) -> AnswerSet:
+        """Group ``(prompt_ids, answer_ids)`` pairs (:func:`tokenize_answers`) into tensors."""
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, (prompt, answer) in enumerate(items):
+            by_shape.setdefault((len(prompt), len(answer)), []).append(i)
+        groups = [
+            (
+                torch.tensor(members),
+                torch.tensor([items[i][0] for i in members]),
+                torch.tensor([items[i][1] for i in members]),
+            )
+            for members in by_shape.values()
+        ]
+        return cls(groups, len(items))
+
+
+@torch.no_grad()
+def teacher_forced_correct(model: nn.Module, answers: AnswerSet, *, batch_size: int = 4096) -> Tensor:
+    """``[answers.size]`` bool: would greedy decoding reproduce each correct answer token for token?
+
+    Greedy decoding emits the answer exactly when, at every answer position, the argmax of the next-token
+    distribution given the prompt and the *correct* preceding answer tokens is the correct token. So one
+    teacher-forced forward pass over ``[prompt; answer]`` decides it, instead of one decoding step per
+    answer token (the same result as :func:`greedy_correct` up to exact logit ties). Evaluation, not
+    training: it takes the ``[B, n, V]`` logits of the ``n`` answer positions.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = torch.zeros(answers.size, dtype=torch.bool)
+    for positions, prompts, targets in answers.groups:
+        n = targets.shape[1]
+        for start in range(0, len(positions), batch_size):
+            chunk = slice(start, start + batch_size)
+            ids = torch.cat([prompts[chunk], targets[chunk, :-1]], dim=1).to(device)  # the last predicts none
+            hidden, head = causal_lm_hidden_and_head(model, {"input_ids": ids})
+            predicted = head_logits(head, hidden[:, -n:]).argmax(dim=-1).cpu()
+            correct[positions[chunk]] = (predicted == targets[chunk]).all(dim=1)
+    model.train(was_training)
+    return correct
 
 
 @torch.no_grad()

@@ -63,3 +63,56 @@ def mcnemar_exact(first_correct: Tensor, second_correct: Tensor) -> tuple[float,
     c = int((~first_correct & second_correct).sum())
     p = min(1.0, 2.0 * _binomial_cdf_half(min(b, c), b + c)) if b + c else 1.0
     return p, b, c
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: ``p`` of ``wins`` against ``losses`` under ``Binomial(wins + losses, 1/2)``
+    (``1`` when both are 0). Ties are left out by the caller.
+
+    Example:
+        >>> sign_test(5, 0)  # 0.0625
+    """
+    if wins < 0 or losses < 0:
+        raise ValueError(f"wins and losses must be >= 0, got {wins} and {losses}")
+    n = wins + losses
+    return min(1.0, 2.0 * _binomial_cdf_half(min(wins, losses), n)) if n else 1.0
+
+
+def pooled_mcnemar(net_wins: Tensor) -> tuple[float, int, int]:
+    """McNemar's exact test pooled over several comparisons scored on the same prompts.
+
+    Args:
+        net_wins: ``[N]`` integer: for each prompt, the number of comparisons the first side got right
+            and the second wrong, minus the number the second got right and the first wrong.
+
+    Returns:
+        ``(p_value, b, c)``: ``b`` prompts with a positive net, ``c`` with a negative one, and the exact
+        two-sided sign test of ``b`` against ``c``. The prompt is the unit, so comparisons that share
+        prompts (or models) count each prompt once; with one comparison this is :func:`mcnemar_exact`.
+
+    Example:
+        >>> pooled_mcnemar(torch.tensor([2, 1, 0, -1]))  # (1.0, 2, 1)
+    """
+    if net_wins.dim() != 1:
+        raise ValueError(f"net_wins must be an [N] vector, got shape {tuple(net_wins.shape)}")
+    b, c = int((net_wins > 0).sum()), int((net_wins < 0).sum())
+    return sign_test(b, c), b, c
+
+
+def welch_z(first: tuple[float, float, int], second: tuple[float, float, int]) -> float:
+    """Two-sided ``p`` of Welch's z-test (normal approximation) that two means are equal.
+
+    Args:
+        first, second: ``(mean, standard deviation, count)`` of each sample (counts in the hundreds or
+            more, so that the normal approximation holds).
+
+    Example:
+        >>> welch_z((1.0, 0.5, 400), (0.9, 0.5, 400))  # 0.0047
+    """
+    (m1, s1, n1), (m2, s2, n2) = first, second
+    if n1 < 2 or n2 < 2:
+        raise ValueError(f"each sample needs at least 2 values, got {n1} and {n2}")
+    se = math.sqrt(s1 * s1 / n1 + s2 * s2 / n2)
+    if se == 0.0:
+        return 1.0 if m1 == m2 else 0.0
+    return math.erfc(abs(m1 - m2) / se / math.sqrt(2.0))

@@ -1,4 +1,6 @@
-"""``wpo-study``'s outputs: ``report.md`` (tables), ``report.json`` (every row) and ``accuracy.png``."""
+"""``wpo-study``'s outputs: ``report.md`` (claims and tables), ``report.json`` (every run, start and claim)
+and ``claims.png``; and the headline table it prints. Every sentence with a number is written here, from
+the report's data."""
 
 from __future__ import annotations
 
@@ -10,309 +12,271 @@ from typing import Any
 Row = Mapping[str, Any]
 
 
-def _p(value: float | None) -> str:
+def fmt_p(value: float | None) -> str:
+    """A p-value for a table: two significant digits, ``< 1e-4`` below that."""
     if value is None:
         return "–"
-    return f"{value:.2g}" if value >= 1e-4 else "<1e-4"
+    return f"{value:.2g}" if value >= 1e-4 else "< 1e-4"
+
+
+def effect(claim: Row) -> str:
+    """A claim's pooled effect: percentage points of accuracy, or a difference of mean weights."""
+    return f"{claim['effect_pp']:+.1f} pp" if "effect_pp" in claim else f"{claim['effect']:+.3f}"
+
+
+def held_text(claim: Row) -> str:
+    """``"held in k of n seed pairs (significant in j)"``."""
+    return f"held in {claim['held']} of {claim['of']} seed pairs (significant in {claim['significant']})"
+
+
+def headline(claims: Sequence[Row]) -> str:
+    """The claims as a plain-text table (what ``wpo-study`` prints at the end)."""
+    width = max(len(c["claim"]) for c in claims)
+    lines = [f"{'claim':<{width}}  held   signif.  pooled effect  p (pooled)  verdict"]
+    for c in claims:
+        lines.append(
+            f"{c['claim']:<{width}}  {c['held']}/{c['of']:<4} {c['significant']:<8} {effect(c):>13}  "
+            f"{fmt_p(c['p']):>10}  {c['verdict']}"
+        )
+    return "\n".join(lines)
+
+
+def claims_table(claims: Sequence[Row]) -> str:
+    """Markdown table of the claims with their counts, pooled tests and verdicts."""
+    lines = [
+        "| claim | the paper | across seed pairs | pooled effect | pooled p (test) | sign test over pairs "
+        "| verdict |",
+        "|---|---|---|---:|---|---:|---|",
+    ]
+    for c in claims:
+        lines.append(
+            f"| {c['claim']} | {c['paper']} | {held_text(c)} | {effect(c)} | {fmt_p(c['p'])} ({c['test']}) "
+            f"| {fmt_p(c['sign_test_p'])} | **{c['verdict']}** |"
+        )
+    return "\n".join(lines)
+
+
+def starts_table(report: Row) -> str:
+    """Markdown table: every SFT start (steps, validation accuracy in the band, evaluation accuracy), its
+    continued-SFT control and its samples."""
+    runs = {(r["pair"], r["model"], r["method"]): r for r in report["runs"] if r["data"] == "-"}
+    sampling = {(s["pair"], s["model"]): s for s in report["sampling"]}
+    low, high = report["settings"]["sft_band"]
+    lines = [
+        f"| pair | model | seed | SFT steps | validation acc. (band {low:.0%}–{high:.0%}) "
+        "| evaluation acc. [95% CI] | continued SFT (+ steps) | sample acc. | pairs |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in report["sft_starts"]:
+        sft, cont = runs[s["pair"], s["model"], "SFT"], runs[s["pair"], s["model"], "continued SFT"]
+        samp = sampling[s["pair"], s["model"]]
+        lo, hi = sft["ci95"]
+        lines.append(
+            f"| {s['pair']} | {s['model']} | {s['seed']} | {s['steps']} | {s['val_accuracy']:.1%} "
+            f"| {sft['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] | {cont['accuracy']:.1%} (+{cont['steps']}) "
+            f"| {samp['sample_accuracy']:.1%} | {samp['pairs']} |"
+        )
+    return "\n".join(lines)
 
 
 def _cell(row: Row) -> str:
-    """``"A on A's samples (on-policy)"``-style label of a run's training data."""
-    if row["data"] == "-":
-        return "–"
-    if row["data"] == "scripted":
-        return "scripted pairs"
     owner = row["data"].removeprefix("samples of ")
     return f"{owner}'s samples ({'on' if row['on_policy'] else 'off'}-policy)"
 
 
-def runs_table(rows: Sequence[Row]) -> str:
-    """Markdown table of runs: accuracy with its 95% interval, McNemar p-values, distance moved, weights."""
-    head = (
-        "| model | data | method | lr | held-out greedy acc. [95% CI] | Δ vs SFT | p vs SFT "
-        "| p vs cont. SFT | p WPO vs DPO | KL to SFT | mean applied weight |"
-    )
-    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    sft = {r["model"]: r["accuracy"] for r in rows if r["method"] == "SFT"}
-    lines = [head, rule]
-    for r in rows:
-        lo, hi = r["ci95"]
-        delta = r["accuracy"] - sft[r["model"]] if r["model"] in sft else float("nan")
-        weight = r.get("applied_weight")
-        lines.append(
-            f"| {r['model']} | {_cell(r)} | {r['method']} | {r['lr']:g} | {r['accuracy']:.1%} "
-            f"[{lo:.1%}, {hi:.1%}] | {delta * 100:+.1f} pp | {_p(r.get('p_vs_sft'))} "
-            f"| {_p(r.get('p_vs_continued_sft'))} | {_p(r.get('p_wpo_vs_dpo'))} | {r['kl_to_sft']:.3f} "
-            f"| {'–' if weight is None else f'{weight:.2f}'} |"
-        )
-    return "\n".join(lines)
-
-
-def wpo_vs_dpo_table(rows: Sequence[Row]) -> str:
-    """Markdown table: WPO − DPO held-out accuracy per training cell at each learning rate, with the
-    McNemar p-value, the discordant prompts and how far each moved (KL to the SFT start)."""
+def design_table(rows: Sequence[Row]) -> str:
+    """Markdown matrix of the design runs: one line per (pair, model, data), one column per method and
+    learning rate; each cell the evaluation accuracy and, in brackets, the KL to the SFT start."""
+    runs = [r for r in rows if r["data"] != "-" and r["role"] == "design"]
+    columns = list(dict.fromkeys((r["method"], r["lr"]) for r in runs))
+    cells = list(dict.fromkeys((r["pair"], r["model"], r["data"]) for r in runs))
+    by_key = {(r["pair"], r["model"], r["data"], r["method"], r["lr"]): r for r in runs}
     lines = [
-        "| model | data | lr | DPO acc. | WPO acc. | WPO − DPO | p | prompts only WPO / only DPO got right "
-        "| KL DPO | KL WPO |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pair | model | trained on | " + " | ".join(f"{m} {lr:g}" for m, lr in columns) + " |",
+        "|---:|---|---|" + "---:|" * len(columns),
     ]
-    dpo = {(r["model"], r["data"], r["lr"]): r for r in rows if r["method"] == "DPO"}
-    for r in rows:
-        d = dpo.get((r["model"], r["data"], r["lr"]))
-        if r["method"] != "WPO" or d is None:
-            continue
-        lines.append(
-            f"| {r['model']} | {_cell(r)} | {r['lr']:g} | {d['accuracy']:.1%} | {r['accuracy']:.1%} "
-            f"| {(r['accuracy'] - d['accuracy']) * 100:+.1f} pp | {_p(r['p_wpo_vs_dpo'])} "
-            f"| {r['wpo_only_correct']} / {r['dpo_only_correct']} "
-            f"| {d['kl_to_sft']:.3f} | {r['kl_to_sft']:.3f} |"
-        )
+    for pair, model, data in cells:
+        found = [by_key.get((pair, model, data, m, lr)) for m, lr in columns]
+        first = next(r for r in found if r is not None)
+        values = ["–" if r is None else f"{r['accuracy']:.1%} ({r['kl_to_sft']:.2f})" for r in found]
+        lines.append(f"| {pair} | {model} | {_cell(first)} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
-def summary(rows: Sequence[Row], weights: Sequence[Row], alpha: float = 0.05) -> list[str]:
-    """Findings read off the rows (Markdown bullets): WPO against DPO at the same learning rate and at no
-    more distance moved, runs against their SFT start and continued SFT, and the mean pair weights."""
-    out = []
-    paired = [r for r in rows if r["method"] == "WPO" and "p_wpo_vs_dpo" in r]
-    dpo = {(r["model"], r["data"], r["lr"]): r for r in rows if r["method"] == "DPO"}
-    better = [r for r in paired if r["accuracy"] > dpo[r["model"], r["data"], r["lr"]]["accuracy"]]
-    sig = lambda rs: sum(r["p_wpo_vs_dpo"] < alpha for r in rs)  # noqa: E731
-    worse = [r for r in paired if r not in better]
-    out.append(
-        f"- WPO vs DPO at the same learning rate: WPO higher in {len(better)} of {len(paired)} comparisons "
-        f"({sig(better)} with p < {alpha}), DPO higher or equal in {len(worse)} "
-        f"({sig(worse)} with p < {alpha})."
-    )
-    matched = []  # (WPO run, the best DPO run of its cell that moved no further)
-    for r in paired:
-        closer = [
-            d for d in dpo.values()
-            if (d["model"], d["data"]) == (r["model"], r["data"]) and d["kl_to_sft"] <= r["kl_to_sft"]
-        ]  # fmt: skip
-        if closer:
-            matched.append((r, max(closer, key=lambda d: d["accuracy"])))
-    dpo_wins = [(r, d) for r, d in matched if d["accuracy"] >= r["accuracy"]]
-    detail = "; ".join(
-        f"{r['model']} on {_cell(r)}: DPO lr {d['lr']:g} {d['accuracy']:.1%} at KL {d['kl_to_sft']:.3f} "
-        f"vs WPO lr {r['lr']:g} {r['accuracy']:.1%} at KL {r['kl_to_sft']:.3f}"
-        for r, d in dpo_wins
-    )
-    out.append(
-        "- At no more distance moved (the best DPO run of the same cell whose KL to SFT is ≤ the WPO run's): "
-        f"{len(matched)} of {len(paired)} WPO runs have such a DPO run; DPO is as good or better for "
-        f"{len(dpo_wins)} of them" + (f" ({detail})." if detail else ".")
-    )
-    sft = {r["model"]: r for r in rows if r["method"] == "SFT"}
-    cont = {r["model"]: r for r in rows if r["method"] == "continued SFT"}
-    prefs = [r for r in rows if r["data"] != "-"]
-    above = [r for r in prefs if r["accuracy"] > sft[r["model"]]["accuracy"] and r["p_vs_sft"] < alpha]
-    below = [r for r in prefs if r["accuracy"] < sft[r["model"]]["accuracy"] and r["p_vs_sft"] < alpha]
-    names = ", ".join(f"{r['model']} {r['method']} lr {r['lr']:g} on {_cell(r)}" for r in above)
-    out.append(
-        f"- Against the SFT start (p < {alpha}): {len(above)} of {len(prefs)} preference runs are better, "
-        f"{len(below)} worse" + (f"; the better ones: {names}." if names else ".")
-    )
-    for m in sft:
-        best = max((r for r in prefs if r["model"] == m), key=lambda r: r["accuracy"], default=None)
-        if best is not None and m in cont:
+def steps_check(rows: Sequence[Row]) -> dict[int, dict[str, Row]]:
+    """The steps check's cell: ``{steps: {"DPO": row, "WPO": row}}`` at the design's steps and at twice
+    as many (empty without a steps check)."""
+    check = [r for r in rows if r["role"] == "steps check"]
+    cell = lambda r: (r["pair"], r["model"], r["data"], r["lr"])  # noqa: E731
+    cells = {cell(r) for r in check}
+    out: dict[int, dict[str, Row]] = {}
+    for r in rows:
+        if cell(r) in cells and r["method"] in ("DPO", "WPO"):
+            out.setdefault(r["steps"], {})[r["method"]] = r
+    return dict(sorted(out.items()))
+
+
+def mean_curves(rows: Sequence[Row], lr: float) -> dict[str, dict[int, float]]:
+    """Mean validation accuracy of each method at each checked step, over its off-policy design runs at
+    ``lr`` (the runs every method has, so that the curves compare like with like)."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        if r["role"] == "design" and r["on_policy"] is False and r["lr"] == lr:
+            for step, acc in r["curve"]:
+                sums.setdefault(r["method"], {}).setdefault(step, []).append(acc)
+    return {m: {s: sum(v) / len(v) for s, v in sorted(by.items())} for m, by in sums.items()}
+
+
+def steps_evidence(rows: Sequence[Row], lr: float) -> list[str]:
+    """Markdown: the steps check (DPO and WPO at the design's steps and twice as many, one cell) and the
+    mean validation curve of each method."""
+    out = ["| run | steps | evaluation acc. | KL to SFT | WPO − DPO |", "|---|---:|---:|---:|---:|"]
+    for n, runs in steps_check(rows).items():
+        gap = 100 * (runs["WPO"]["accuracy"] - runs["DPO"]["accuracy"])
+        for method, r in runs.items():
             out.append(
-                f"- Model {m}: SFT start {sft[m]['accuracy']:.1%}, continued SFT (same steps) "
-                f"{cont[m]['accuracy']:.1%}, best preference run {best['accuracy']:.1%} "
-                f"({best['method']} lr {best['lr']:g} on {_cell(best)})."
+                f"| pair {r['pair']} {r['model']} {method} on {_cell(r)}, lr {r['lr']:g} | {n} "
+                f"| {r['accuracy']:.1%} | {r['kl_to_sft']:.3f} | {gap:+.1f} pp |"
             )
-    kinds: dict[str, list[float]] = {}
-    for w in weights:
-        kind = "scripted" if w["data"] == "scripted" else "on-policy" if w["on_policy"] else "off-policy"
-        kinds.setdefault(kind, []).append(w["pair_weight"])
-    out.append(
-        "- Mean WPO pair weight under the SFT starts: "
-        + ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in kinds.items())
-        + "."
-    )
+    curves = mean_curves(rows, lr)
+    steps = sorted({s for c in curves.values() for s in c})
+    out += [
+        "",
+        f"Mean validation accuracy during training (off-policy runs at lr {lr:g}, every method):",
+        "",
+        "| method | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|---|" + "---:|" * len(steps),
+    ]
+    for method, curve in curves.items():
+        values = [f"{curve[s]:.1%}" if s in curve else "–" for s in steps]
+        out.append(f"| {method} | " + " | ".join(values) + " |")
     return out
 
 
 def weight_table(weights: Sequence[Row]) -> str:
-    """Markdown table: mean WPO weights (sampled alignment) of each data source under each SFT model."""
+    """Markdown table: mean WPO weights (sampled alignment) of each data source under each SFT start."""
     lines = [
-        "| SFT model | data source | pairs | mean w(chosen) | mean w(rejected) | mean pair weight |",
-        "|---|---|---:|---:|---:|---:|",
+        "| pair | SFT model | data source | pairs | mean w(chosen) | mean w(rejected) "
+        "| mean pair weight (sd) |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
     for w in weights:
-        kind = "" if w["data"] == "scripted" else (" (on-policy)" if w["on_policy"] else " (off-policy)")
+        kind = {"own": " (on-policy)", "other": " (off-policy)"}.get(w["kind"], "")
         lines.append(
-            f"| {w['model']} | {w['data']}{kind} | {w['pairs']} | {w['chosen_weight']:.3f} "
-            f"| {w['rejected_weight']:.3f} | {w['pair_weight']:.3f} |"
+            f"| {w['pair']} | {w['model']} | {w['data']}{kind} | {w['pairs']} | {w['chosen_weight']:.3f} "
+            f"| {w['rejected_weight']:.3f} | {w['pair_weight']:.3f} ({w['pair_weight_sd']:.3f}) |"
         )
     return "\n".join(lines)
 
 
-def _method_colours(methods: Sequence[tuple[str, float]]) -> dict[tuple[str, float], Any]:
-    """DPO in blues and WPO in oranges (darker: larger learning rate), the ablation rows in other hues."""
-    import matplotlib.pyplot as plt
+def runs_table(rows: Sequence[Row]) -> str:
+    """Markdown table of every run: accuracy with its 95% interval and the per-run McNemar p-values."""
+    lines = [
+        "| pair | model | method | trained on | lr | steps | acc. [95% CI] | p vs SFT | p vs cont. SFT "
+        "| p vs DPO | KL to SFT | applied weight |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lo, hi = r["ci95"]
+        weight = r.get("applied_weight")
+        lines.append(
+            f"| {r['pair']} | {r['model']} | {r['method']} | {'–' if r['data'] == '-' else _cell(r)} "
+            f"| {r['lr']:g} | {r['steps']} | {r['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] "
+            f"| {fmt_p(r.get('p_vs_sft'))} | {fmt_p(r.get('p_vs_continued_sft'))} "
+            f"| {fmt_p(r.get('p_vs_dpo'))} "
+            f"| {r['kl_to_sft']:.3f} | {'–' if weight is None else f'{weight:.2f}'} |"
+        )
+    return "\n".join(lines)
 
-    others = iter(plt.get_cmap("Set2")(range(8)))
-    colours = {}
-    for method, lr in methods:
-        family = {"DPO": "Blues", "WPO": "Oranges"}.get(method)
-        if family is None:
-            colours[method, lr] = next(others)
-            continue
-        lrs = sorted(x for m, x in methods if m == method)
-        colours[method, lr] = plt.get_cmap(family)(0.45 + 0.45 * lrs.index(lr) / max(1, len(lrs) - 1))
-    return colours
+
+def _intro(report: Row) -> list[str]:
+    env, s = report["environment"], report["settings"]
+    low, high = s["sft_band"]
+    n_eval, n_pairs = report["runs"][0]["n_eval"], len(report["sft_starts"]) // 2
+    return [
+        "# wpo-study: which of the WPO paper's claims hold on the arithmetic task",
+        "",
+        f"Command: `{env['command']}` — {env['date_utc']}, {env['machine']}, {env['cpu_count']} CPUs, "
+        f"{env['torch_threads']} torch threads, load average (1, 5, 15 min) at the start "
+        f"{env['load_average_start']}, at the end {env['load_average']}; "
+        f"{env['wall_s']:.0f} s wall, {env['cpu_s']:.0f} s CPU.",
+        "",
+        f"{n_pairs} seed pairs, each a full replicate: two SFT models trained until their greedy accuracy on "
+        f"{s['val_prompts']} validation prompts lay in {low:.0%}–{high:.0%}; each trained with DPO and WPO "
+        f"on its own samples (on-policy) and the other model's (off-policy), {s['steps']} steps of "
+        f"{s['batch_size']} pairs, β = {s['beta']}, learning rate {', '.join(f'{x:g}' for x in s['lrs'])}; "
+        f"the ablation on its off-policy samples. Accuracy: greedy answers on {n_eval} evaluation prompts "
+        "never used in training or validation. The claims were fixed in `study_claims.py` before the runs.",
+    ]
 
 
-def plot_study(rows: Sequence[Row], path: Path) -> Path:
-    """Two panels: held-out accuracy (95% CI) per training cell and method, SFT and continued SFT as
-    lines; and accuracy against the distance moved (KL to the SFT start)."""
+def markdown(report: Row, plot: Path | None) -> str:
+    """The whole ``report.md``."""
+    from wpo_kernels.integration.examples.study_claims import COUNTING
+
+    s = report["settings"]
+    md = [
+        *_intro(report), "",
+        "## Claims", "", claims_table(report["claims"]), "",
+        "How each claim is counted (`study_claims.py`):", "", COUNTING, "",
+        "## SFT starts", "", starts_table(report), "",
+        "## Accuracy per seed pair, data and method (in brackets: KL to the SFT start, nats per answer)", "",
+        design_table(report["runs"]), "",
+        "## Are the steps enough?", "", *steps_evidence(report["runs"], s["lrs"][0]), "",
+        "## Mean WPO weights per data source (sampled alignment, under each SFT start, before training)", "",
+        weight_table(report["weights"]), "",
+        "## Every run", "", runs_table(report["runs"]), "",
+        "Settings: " + ", ".join(f"`{k}={v}`" for k, v in s.items()),
+    ]  # fmt: skip
+    if plot is not None:
+        md += ["", f"![claims per seed pair]({plot.name})"]
+    return "\n".join(md) + "\n"
+
+
+def write_study_report(out_dir: Path, report: Row, plot: Path | None) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.json`` to ``out_dir``; returns their paths."""
+    md_path, json_path = out_dir / "report.md", out_dir / "report.json"
+    md_path.write_text(markdown(report, plot))
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    return md_path, json_path
+
+
+def plot_study(report: Row, path: Path) -> Path:
+    """Two panels: each accuracy claim's effect per seed pair (dots) and pooled (diamond); and the mean
+    validation accuracy of each method during training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in rows if r["data"] != "-"]
-    cells = list(dict.fromkeys((r["model"], r["data"]) for r in runs))
-    methods = list(dict.fromkeys((r["method"], r["lr"]) for r in runs))
-    colours = _method_colours(methods)
-    fig, (ax, ax_kl) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [2.2, 1]})
-    width = 0.8 / len(methods)
-    labelled: set[tuple[str, float]] = set()
-    for x, (model, data) in enumerate(cells):
-        for j, key in enumerate(methods):
-            match = [r for r in runs if (r["model"], r["data"], r["method"], r["lr"]) == (model, data, *key)]
-            if not match:
-                continue
-            r = match[0]
-            lo, hi = r["ci95"]
-            ax.bar(
-                x - 0.4 + (j + 0.5) * width, r["accuracy"], width, color=colours[key],
-                yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]], capsize=2,
-                label=None if key in labelled else f"{key[0]} lr={key[1]:g}",
-            )  # fmt: skip
-            labelled.add(key)
-        for method, style in (("SFT", "-"), ("continued SFT", "--")):
-            base = [r for r in rows if r["model"] == model and r["method"] == method]
-            if base:
-                ax.hlines(base[0]["accuracy"], x - 0.45, x + 0.45, colors="k", linestyles=style, lw=1.2)
-    ax.plot([], [], "k-", label="SFT start")
-    ax.plot([], [], "k--", label="continued SFT")
-    labels = [f"{m} on {_cell({'data': d, 'on_policy': d == f'samples of {m}'})}" for m, d in cells]
-    ax.set_xticks(range(len(cells)), [lbl.replace(" (", "\n(") for lbl in labels], fontsize=8)
-    accs = [r["accuracy"] for r in rows]
-    ax.set_ylim(max(0.0, min(accs) - 0.08), min(1.0, max(accs) + 0.05))
-    ax.set_ylabel("held-out greedy answer accuracy")
-    ax.set_title("accuracy per training cell and method (95% Wilson intervals)")
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.13))
-    ax.grid(axis="y", alpha=0.3)
-    markers = {"DPO": "o", "WPO": "s"}
-    for r in rows:
-        marker = markers.get(r["method"], "^" if r["data"] != "-" else "x")
-        colour = "tab:blue" if r["method"] == "DPO" else "tab:orange" if r["method"] == "WPO" else "tab:gray"
-        ax_kl.scatter(r["kl_to_sft"], r["accuracy"], marker=marker, color=colour, s=25)
-    for label, marker, colour in (
-        ("DPO", "o", "tab:blue"),
-        ("WPO", "s", "tab:orange"),
-        ("ablation / scripted", "^", "tab:gray"),
-        ("SFT start / continued SFT", "x", "tab:gray"),
-    ):
-        ax_kl.scatter([], [], marker=marker, color=colour, label=label)
-    ax_kl.set_xlabel("KL(policy ‖ SFT start), nats per answer")
-    ax_kl.set_ylabel("held-out greedy answer accuracy")
-    ax_kl.set_title("accuracy vs distance moved")
-    ax_kl.grid(alpha=0.3)
-    ax_kl.legend(fontsize=8)
+    claims = [c for c in report["claims"] if "effect_pp" in c]
+    fig, (ax, ax_curve) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1.6, 1]})
+    for y, c in enumerate(reversed(claims)):
+        xs = [p["effect_pp"] for p in c["per_pair"]]
+        ax.scatter(xs, [y] * len(xs), color="tab:blue", s=18, alpha=0.7)
+        ax.scatter([c["effect_pp"]], [y], marker="D", color="k", s=40)
+    ax.axvline(0.0, color="grey", lw=1)
+    ax.set_yticks(range(len(claims)), [c["claim"] for c in reversed(claims)], fontsize=8)
+    ax.set_xlabel("first − second, evaluation accuracy (pp): dots = seed pairs, diamond = pooled")
+    ax.set_title("accuracy claims across seed pairs")
+    ax.grid(axis="x", alpha=0.3)
+    for method, curve in mean_curves(report["runs"], report["settings"]["lrs"][0]).items():
+        ax_curve.plot(list(curve), list(curve.values()), marker="o", label=method)
+    ax_curve.set_xlabel("preference-training step")
+    ax_curve.set_ylabel("validation accuracy (mean over runs)")
+    ax_curve.set_title("validation curves, off-policy runs")
+    ax_curve.grid(alpha=0.3)
+    ax_curve.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
-def write_study_report(
-    out_dir: Path,
-    *,
-    rows: Sequence[Row],
-    weights: Sequence[Row],
-    sampling: Mapping[str, Mapping[str, float]],
-    settings: Mapping[str, Any],
-    env: Mapping[str, Any],
-    plot: Path | None,
-) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.json`` to ``out_dir``; returns their paths."""
-    base = [r for r in rows if r["data"] == "-"]
-    crossed = [r for r in rows if r["data"].startswith("samples of") and r["method"] in ("DPO", "WPO")]
-    ablation = [r for r in rows if r["data"] != "-" and r not in crossed and r["data"] != "scripted"]
-    first_cell = ablation[0] if ablation else None
-    if first_cell is not None:  # DPO and WPO (sampled) of the ablation cell, for comparison
-        ablation = [
-            r for r in crossed
-            if (r["model"], r["data"], r["lr"]) == (first_cell["model"], first_cell["data"], first_cell["lr"])
-        ] + ablation  # fmt: skip
-    scripted = [r for r in rows if r["data"] == "scripted"]
-    with_base = lambda runs: [r for r in base if r["model"] in {x["model"] for x in runs}] + list(runs)  # noqa: E731
-    n_eval = rows[0]["n_eval"]
-    md = [
-        "# wpo-study: WPO vs DPO on the arithmetic task",
-        "",
-        f"Command: `{env['command']}` — {env['date_utc']}, {env['machine']}, {env['cpu_count']} CPUs, "
-        f"{env['torch_threads']} torch threads, load average at the end {env['load_average']}, "
-        f"total runtime {env['runtime_s']:.0f} s.",
-        "",
-        f"Held-out greedy answer accuracy on {n_eval} two-digit addition prompts never used in training "
-        "(95% Wilson interval). p-values: McNemar's exact test on the same prompts, against the run's SFT "
-        "start, its continued-SFT row, and WPO against DPO of the same cell and learning rate. KL: "
-        "KL(policy ‖ SFT start) in nats per answer on held-out prompts, the exact next-token KL summed along "
-        "one answer sampled from the policy per prompt (how far the model moved). "
-        "Mean applied weight: WPO's pair weight during training (1 for DPO).",
-        "",
-        "## Summary (computed from the rows below)",
-        "",
-        *summary(rows, weights),
-        "",
-        "## SFT starts",
-        "",
-        runs_table(base),
-        "",
-        "Sampling (4 answers per training prompt at temperature 1; a pair needs a correct and a wrong one): "
-        + "; ".join(
-            f"{m}: sample accuracy {s['sample_accuracy']:.1%}, {s['pairs']} pairs from {s['prompts']} prompts"
-            for m, s in sampling.items()
-        ),
-        "",
-        "## Model-generated pairs, crossed design (DPO vs WPO, sampled alignment)",
-        "",
-        runs_table(with_base(crossed)),
-        "",
-        "WPO against DPO at the same learning rate:",
-        "",
-        wpo_vs_dpo_table(rows),
-        "",
-        "## Alignment ablation and variants (one off-policy cell)",
-        "",
-        runs_table(with_base(ablation)),
-        "",
-        "## Scripted pairs (the shipped data set)",
-        "",
-        runs_table(with_base(scripted)),
-        "",
-        "## Mean WPO weights per data source (sampled alignment, under each SFT start, before training)",
-        "",
-        weight_table(weights),
-        "",
-        "Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()),
-    ]
-    if plot is not None:
-        md += ["", f"![accuracy per cell and method]({plot.name})"]
-    md_path = out_dir / "report.md"
-    md_path.write_text("\n".join(md) + "\n")
-    json_path = out_dir / "report.json"
-    payload = {
-        "environment": dict(env),
-        "settings": dict(settings),
-        "runs": [dict(r) for r in rows],
-        "weights": [dict(w) for w in weights],
-        "sampling": {k: dict(v) for k, v in sampling.items()},
-    }
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    return md_path, json_path
+if __name__ == "__main__":  # re-render report.md and claims.png from a report.json
+    import sys
+
+    source = Path(sys.argv[1])
+    data = json.loads(source.read_text())
+    figure = plot_study(data, source.parent / "claims.png")
+    print(*write_study_report(source.parent, data, figure), figure)
