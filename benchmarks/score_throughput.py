@@ -31,7 +31,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256], help="pairs per forward")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps of the model (the study's default)")
+    p.add_argument(
+        "--sft-steps", type=int, default=None, help="SFT steps (default: the study's SFT start, in its band)"
+    )
     p.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
     return p.parse_args(argv)
 
@@ -44,14 +46,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from datasets.utils.logging import disable_progress_bar
 
     from wpo_kernels.integration.examples import study
+    from wpo_kernels.integration.examples.study_runs import StudyData, sft_fixed_steps, sft_to_band
     from wpo_kernels.integration.score import score_preference_data
 
     disable_progress_bar()
     options = study.parse_args(["--eval-prompts", "16", "--kl-prompts", "8", "--device", "cpu"])
-    setup = study.Study(options)
-    steps = options.sft_steps if args.sft_steps is None else args.sft_steps
+    setup = StudyData(options)
     started = time.perf_counter()
-    model = setup.sft_model(0, steps)
+    if args.sft_steps is None:
+        model, start = sft_to_band(setup, options.sft_seeds[0], options, "SFT start")
+        steps = start.steps
+    else:
+        model, steps = sft_fixed_steps(setup, options.sft_seeds[0], options, args.sft_steps), args.sft_steps
     sft_s = time.perf_counter() - started
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in setup.train_records]
     score_preference_data(model, setup.tokenizer, pairs[:64], batch_size=64)  # warm-up

@@ -24,7 +24,8 @@ transformers = pytest.importorskip("transformers")
 
 import wpo_kernels.integration.trl as trl_adapter  # noqa: E402
 from tests.helpers import tiny_decoder_config  # noqa: E402
-from wpo_kernels.integration.examples.study import Study, parse_args  # noqa: E402
+from wpo_kernels.integration.examples.study import parse_args  # noqa: E402
+from wpo_kernels.integration.examples.study_runs import StudyData, sampled_pairs, sft_fixed_steps  # noqa: E402
 from wpo_kernels.integration.examples.toy_setup import build_tokenizer, load_pairs  # noqa: E402
 from wpo_kernels.integration.score import (  # noqa: E402
     ScoreInputError,
@@ -38,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "integration" / "results" / "wpo_study" / "report.json"
 #: The study's model (hidden 64, 2 layers) with a shorter SFT on fewer prompts: its sample accuracy
 #: (about a third) is the full study's; two models train in ~15 s on one core.
+SFT_STEPS = 150
 STUDY = [
-    "--sft-steps", "150", "--train-prompts", "200", "--eval-prompts", "16", "--kl-prompts", "8",
+    "--train-prompts", "200", "--eval-prompts", "16", "--kl-prompts", "8",
     "--kernel-backend", "torch", "--device", "cpu",
 ]  # fmt: skip
 SOURCES = ("own samples", "other model's samples", "scripted")
@@ -82,26 +84,29 @@ def trainer_step0_weights(
 def study() -> dict:
     """Two SFT models of the study (seeds 0 and 1) and its three pair sources as TRL text records."""
     torch.set_num_threads(1)
-    s = Study(parse_args(STUDY))
-    tok = s.tokenizer
-    models = {"A": s.sft_model(0, s.args.sft_steps), "B": s.sft_model(1, s.args.sft_steps)}
+    args = parse_args(STUDY)
+    data = StudyData(args)
+    tok = data.tokenizer
+    models = {"A": sft_fixed_steps(data, 0, args, SFT_STEPS), "B": sft_fixed_steps(data, 1, args, SFT_STEPS)}
     as_text = lambda p: {  # noqa: E731 - the sampled token pairs, as the text a data set would hold
         "prompt": tok.decode(p["prompt_ids"]),
         "chosen": " " + tok.decode(p["chosen_ids"]),
         "rejected": " " + tok.decode(p["rejected_ids"]),
     }
-    sources = {f"samples of {m}": [as_text(p) for p in s.sampled_pairs(models[m], seed)[0]] for m, seed in
-               (("A", 10_000), ("B", 10_001))}  # fmt: skip
-    sources["scripted"] = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in s.train_records]
+    sources = {
+        f"samples of {m}": [as_text(p) for p in sampled_pairs(models[m], data, args.samples, seed, m)[0]]
+        for m, seed in (("A", 10_000), ("B", 10_001))
+    }
+    sources["scripted"] = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data.train_records]
     return {"tokenizer": tok, "models": models, "sources": sources}
 
 
 def test_study_sources_rank_as_in_the_report(study) -> None:
     report = json.loads(REPORT.read_text())["weights"]
     expected = {}
-    for model in {r["model"] for r in report}:
-        rows = sorted((r for r in report if r["model"] == model), key=lambda r: -r["pair_weight"])
-        expected[model] = [_kind(r["data"], model) for r in rows]
+    for key in {(r["pair"], r["model"]) for r in report}:  # each model of each seed pair
+        rows = sorted((r for r in report if (r["pair"], r["model"]) == key), key=lambda r: -r["pair_weight"])
+        expected[key] = [_kind(r["data"], key[1]) for r in rows]
     orders = set(map(tuple, expected.values()))
     assert orders == {SOURCES}, f"the committed report ranks the sources {orders}"
     sizes = {data: len(pairs) for data, pairs in study["sources"].items()}

@@ -18,7 +18,10 @@ from benchmarks.shapes import Head
 #: ``(route name, extra keyword arguments of fused_linear_wpo_loss)`` for each variant of our step that is
 #: timed; the first is the default call (provider ``ours``), the others become providers ``ours-<name>``.
 #: ``recompute``: a budget of 0 sends every pair to the recompute route (the one-pass route's baseline).
-STEP_ROUTES: tuple[tuple[str, dict[str, object]], ...] = (("default", {}), ("recompute", {"memory_budget": 0}))
+STEP_ROUTES: tuple[tuple[str, dict[str, object]], ...] = (
+    ("default", {}),
+    ("recompute", {"memory_budget": 0}),
+)
 
 
 class Ours(Provider):

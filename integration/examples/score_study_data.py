@@ -1,13 +1,13 @@
 """``wpo-score`` on the study's three data sources: the picture and summary of ``integration/README.md``.
 
-Builds the study's first two SFT models (``wpo-study``'s settings and seeds), writes model A (saved with
-``save_pretrained``) and one JSONL of pairs with a ``source`` field (A's own samples, B's samples, the
+Builds the study's first two SFT starts (``wpo-study``'s settings, seeds and band), writes model A
+(``save_pretrained``) and one JSONL of pairs with a ``source`` field (A's own samples, B's samples, the
 shipped scripted pairs), then runs the ``wpo-score`` command on them. Copies ``weights.png``,
 ``summary.json`` and the printed table (``summary.md``) to ``--output-dir``; the rest stays in
 ``--work-dir``.
 
     python -m wpo_kernels.integration.examples.score_study_data --output-dir integration/results/wpo_score \
-        [any wpo-study option, e.g. --sft-steps 300]
+        [any wpo-study option, e.g. --sft-seeds 0 1]
 """
 
 from __future__ import annotations
@@ -24,19 +24,24 @@ def write_sources(work: Path, study_argv: Sequence[str]) -> tuple[Path, Path]:
     """Model A's directory and the pairs file of the three sources, as the study builds them."""
     import torch
 
-    from wpo_kernels.integration.examples.study import Study, parse_args
+    from wpo_kernels.integration.examples.study import parse_args
+    from wpo_kernels.integration.examples.study_runs import StudyData, sampled_pairs, sft_to_band
 
     options = parse_args(study_argv)
     if options.threads:
         torch.set_num_threads(options.threads)
-    study = Study(options)
-    tok = study.tokenizer
+    data = StudyData(options)
+    tok = data.tokenizer
     (a, seed_a), (b, seed_b) = ("A", options.sft_seeds[0]), ("B", options.sft_seeds[1])
-    models = {a: study.sft_model(seed_a, options.sft_steps), b: study.sft_model(seed_b, options.sft_steps)}
+    models = {
+        name: sft_to_band(data, seed, options, f"SFT {name}")[0]
+        for name, seed in ((a, seed_a), (b, seed_b))
+    }
     text = lambda ids: " " + tok.decode(ids)  # noqa: E731 - completions after the prompt, as TRL joins them
     rows = []
     for name, seed, source in ((a, seed_a, "A's own samples"), (b, seed_b, "B's samples")):
-        pairs, _ = study.sampled_pairs(models[name], seed=10_000 + seed)  # the study's sampling seed
+        # the study's sampling seed
+        pairs, _ = sampled_pairs(models[name], data, options.samples, 10_000 + seed, f"sampling {name}")
         rows += [
             {"source": source, "prompt": tok.decode(p["prompt_ids"]), "chosen": text(p["chosen_ids"]),
              "rejected": text(p["rejected_ids"])}
@@ -44,7 +49,7 @@ def write_sources(work: Path, study_argv: Sequence[str]) -> tuple[Path, Path]:
         ]  # fmt: skip
     rows += [
         {"source": "scripted", **{k: r[k] for k in ("prompt", "chosen", "rejected")}}
-        for r in study.train_records
+        for r in data.train_records
     ]
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

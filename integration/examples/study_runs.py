@@ -122,6 +122,29 @@ def validation_accuracy(model: nn.Module, data: StudyData) -> float:
     return teacher_forced_correct(model, data.validation).float().mean().item()
 
 
+def study_model(data: StudyData, seed: int, args: argparse.Namespace) -> nn.Module:
+    """A fresh random-init Llama of the study's size, initialised from ``seed``."""
+    return build_model(
+        "llama", len(data.tokenizer), hidden_size=args.hidden_size, num_layers=args.layers,
+        num_heads=args.heads, seed=seed, pad_token_id=data.pad, eos_token_id=data.eos,
+    ).to(args.device)  # fmt: skip
+
+
+def sft_schedule(step: int) -> float:
+    """The SFT learning-rate factor: linear warm-up over :data:`SFT_WARMUP` steps, then constant."""
+    return min(1.0, (step + 1) / SFT_WARMUP)
+
+
+def sft_fixed_steps(data: StudyData, seed: int, args: argparse.Namespace, steps: int) -> nn.Module:
+    """A model of ``seed`` after exactly ``steps`` SFT steps (the band's loop without its checks), for
+    callers that need the study's model at a set training length (``wpo-score``'s tests and examples)."""
+    model = study_model(data, seed, args)
+    loop = SFTLoop(model, data, args.sft_lr, seed, args, sft_schedule)
+    for _ in range(steps):
+        loop.step()
+    return model.eval()
+
+
 def sft_to_band(
     data: StudyData, seed: int, args: argparse.Namespace, desc: str
 ) -> tuple[nn.Module, SFTStart]:
@@ -129,11 +152,8 @@ def sft_to_band(
     ``--sft-check-every`` steps, lies in ``--sft-band``; at most ``--sft-max-steps`` steps. A start that
     ends outside the band is returned with ``in_band=False`` (the caller refuses it)."""
     low, high = args.sft_band
-    model = build_model(
-        "llama", len(data.tokenizer), hidden_size=args.hidden_size, num_layers=args.layers,
-        num_heads=args.heads, seed=seed, pad_token_id=data.pad, eos_token_id=data.eos,
-    ).to(args.device)  # fmt: skip
-    loop = SFTLoop(model, data, args.sft_lr, seed, args, lambda s: min(1.0, (s + 1) / SFT_WARMUP))
+    model = study_model(data, seed, args)
+    loop = SFTLoop(model, data, args.sft_lr, seed, args, sft_schedule)
     checks: list[tuple[int, float]] = []
     bar = tqdm(total=args.sft_max_steps, desc=desc, leave=False, dynamic_ncols=True, position=1)
     acc = 0.0
